@@ -1,0 +1,88 @@
+"""Plain-PyTorch building blocks of the reference backend.
+
+The reference backend is written for clarity and exactness, not speed: per-tensor loops, fp64
+accumulation of every reduction, and predicated writes so that a skipped step leaves parameters and
+state bit-identical. The fused backends are tested against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+F64 = torch.float64
+
+
+def compute_dtype(p: torch.Tensor) -> torch.dtype:
+    """Element-wise math runs in fp32 for fp32/bf16/fp16 storage and in fp64 for fp64 storage."""
+    return F64 if p.dtype == F64 else torch.float32
+
+
+def up(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` in the compute dtype of parameter ``like`` (a no-op when it already is)."""
+    return t.to(compute_dtype(like))
+
+
+def commit_(dst: torch.Tensor, new: torch.Tensor, ok: torch.Tensor) -> None:
+    """Store ``new`` into ``dst`` if the step is accepted, else leave ``dst`` exactly as it was.
+
+    ``torch.where`` never mixes the two, so NaNs in a rejected ``new`` cannot leak into ``dst``; a
+    low-precision ``dst`` upcast and rounded back is bit-identical.
+    """
+    dst.copy_(torch.where(ok, new, dst))
+
+
+# Fused multiply-adds, rounded exactly like torch's ``add(alpha=)``, ``addcmul`` and ``addcdiv`` kernels
+# (which use FMA) even when the coefficient is a device scalar; the reference packages are written with
+# those ops, and matching their rounding keeps fp64 oracle comparisons tight through chaotic phases.
+Coef = float | torch.Tensor
+
+
+def axpy(a: torch.Tensor, b: torch.Tensor, alpha: Coef) -> torch.Tensor:
+    """``a + alpha * b`` as ``torch.add(a, b, alpha=alpha)``."""
+    if isinstance(alpha, torch.Tensor):
+        return torch.addcmul(a, b, alpha)
+    return torch.add(a, b, alpha=alpha)
+
+
+def addcmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, value: Coef) -> torch.Tensor:
+    """``x + value * a * b`` as ``torch.addcmul``."""
+    if isinstance(value, torch.Tensor):
+        return torch.addcmul(x, a * value, b)
+    return torch.addcmul(x, a, b, value=value)
+
+
+def addcdiv(x: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: Coef) -> torch.Tensor:
+    """``x + value * num / den`` as ``torch.addcdiv``."""
+    if isinstance(value, torch.Tensor):
+        return torch.addcdiv(x, num * value, den)
+    return torch.addcdiv(x, num, den, value=value)
+
+
+def sumsq(t: torch.Tensor) -> torch.Tensor:
+    t = t.to(F64)
+    return (t * t).sum()
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.to(F64).reshape(-1), b.to(F64).reshape(-1))
+
+
+def l1(t: torch.Tensor) -> torch.Tensor:
+    return t.to(F64).abs().sum()
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor, fallback: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else ``fallback``: the device form of a guarded division."""
+    den_pos = den > 0
+    return torch.where(den_pos, num / torch.where(den_pos, den, torch.ones_like(den)),
+                       torch.as_tensor(fallback, dtype=num.dtype, device=num.device))
+
+
+def sgd_apply_(items, coeffs, ok: torch.Tensor, direction=None) -> None:
+    """``x <- x - coeff_i * d_i`` for every active tensor, committed only if ``ok``.
+
+    ``coeffs`` is one 0-d tensor per item; ``direction`` defaults to the gradient.
+    """
+    for i, (it, c) in enumerate(zip(items, coeffs)):
+        d = it.g if direction is None else direction[i]
+        commit_(it.p, axpy(up(it.p, it.p), up(d, it.p), -c), ok)

@@ -1,0 +1,82 @@
+"""Parameter scaling: the identity behind PS-SPS and PS-DA-SGD (Suh & Seo, arXiv 2401.03240).
+
+With a per-element scale α > 0 held fixed during a step, scaled parameters u = α ⊙ x see the gradient
+g/α, and an SGD step of size η in u maps back to x ← x − η g/α². So Adam's update is steepest descent
+on a parameter-scaled network, and a learning-rate-free rule for SGD can be run in the scaled space:
+its norms become α-weighted (‖g/α‖², ‖α ⊙ s‖) and its step is applied along g/α² (ALGORITHMS §2.1).
+
+This module holds the Adam scaling rule that both methods share::
+
+    v_t = β2 v_{t−1} + (1 − β2) g_t²,   v̂_t = v_t / (1 − β2^t)   (AMSGrad: the running max of v̂_t)
+    α_t² = √v̂_t + ε
+
+and the direction u_t = m̂_t / α_t² (β1 > 0, m̂ the bias-corrected gradient EMA) or g_t / α_t² (β1 = 0),
+plus decoupled weight decay λ x_t. With ``scaling="none"`` α ≡ 1 (the base SGD method, for testing).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import torch_ref as R
+
+
+def init_scaling_state(opt, p, group) -> dict[str, torch.Tensor]:
+    hp = opt.param_groups[0]
+    state = {}
+    if hp["scaling"] == "adam":
+        state["exp_avg_sq"] = opt.zeros_state(p)
+        if hp["amsgrad"]:
+            state["max_exp_avg_sq"] = opt.zeros_state(p)
+    if hp["betas"][0] > 0:
+        state["exp_avg"] = opt.zeros_state(p)
+    return state
+
+
+class ScaledStep:
+    """The per-tensor quantities of one step under the Adam scaling rule (torch reference).
+
+    ``alpha_sq`` is α_t² (new, including g_t); ``alpha_sq_prev`` is α_{t−1}² from the stored v (only
+    meaningful from the second step on); ``direction`` is u_t without weight decay. New moment values
+    are committed with :meth:`commit`.
+    """
+
+    def __init__(self, hp: dict, state: dict, g: torch.Tensor, t: torch.Tensor):
+        beta1, beta2 = hp["betas"]
+        self.state, self.hp = state, hp
+        self.new = {}
+        if hp["scaling"] == "adam":
+            eps = hp["eps"]
+            v = state["exp_avg_sq"]
+            v_new = R.addcmul(v * beta2, g, g, 1 - beta2)
+            self.new["exp_avg_sq"] = v_new
+            bc_new, bc_prev = 1 - beta2 ** t, 1 - beta2 ** (t - 1)
+            if hp["amsgrad"]:
+                # the running max of the *bias-corrected* v̂, so α never decreases (the setting of the
+                # paper's convergence proof) and the max-scale-ratio is exactly 1
+                v_hat_prev = state["max_exp_avg_sq"]
+                v_hat = torch.maximum(v_hat_prev, v_new / bc_new)
+                self.new["max_exp_avg_sq"] = v_hat
+                self.alpha_sq = v_hat.sqrt() + eps
+                self.alpha_sq_prev = v_hat_prev.sqrt() + eps
+            else:
+                self.alpha_sq = v_new.sqrt() / bc_new.sqrt() + eps
+                safe_bc_prev = torch.where(bc_prev > 0, bc_prev, torch.ones_like(bc_prev))
+                self.alpha_sq_prev = v.sqrt() / safe_bc_prev.sqrt() + eps
+        else:
+            self.alpha_sq = self.alpha_sq_prev = torch.ones_like(g)
+        if beta1 > 0:
+            m_new = torch.lerp(state["exp_avg"], g, 1 - beta1)
+            self.new["exp_avg"] = m_new
+            self.direction = (m_new / (1 - beta1 ** t)) / self.alpha_sq
+        else:
+            self.direction = g / self.alpha_sq
+
+    def max_scale_ratio(self, t: torch.Tensor) -> torch.Tensor:
+        """max_j α_{t−1,j} / α_{t,j} (1 at the first step, where α_{t−1} is undefined)."""
+        ratio = (self.alpha_sq_prev / self.alpha_sq).max().sqrt().to(torch.float64)
+        return torch.where(t > 1, ratio, torch.ones_like(ratio))
+
+    def commit(self, ok: torch.Tensor) -> None:
+        for key, value in self.new.items():
+            R.commit_(self.state[key], value, ok)

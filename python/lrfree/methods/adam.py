@@ -1,0 +1,84 @@
+"""Adam and AdamW with ``torch.optim`` semantics: the fixed-learning-rate baseline of every benchmark.
+
+Per tensor, at its own step count t (a tensor counts only the steps in which it had a gradient)::
+
+    g ← −g (maximize);   g ← g + wd·x (Adam)  |  x ← x (1 − lr·wd) (AdamW)
+    m ← β1 m + (1−β1) g;   v ← β2 v + (1−β2) g²;   v̂max ← max(v̂max, v) (amsgrad)
+    x ← x − (lr / (1−β1^t)) · m / (√v / √(1−β2^t) + eps)
+
+Matches ``torch.optim.Adam``/``AdamW`` to rounding; the difference is that state is fp32 for bf16/fp16
+parameters and the step count lives on device, so skipped steps do not advance it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import FusedOptimizer, StepBatch
+
+
+class Adam(FusedOptimizer):
+    """Adam (Kingma & Ba, 2015) with coupled L2 weight decay, as ``torch.optim.Adam``."""
+
+    hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "eps": V.NONNEG, "weight_decay": V.NONNEG,
+                       "amsgrad": V.BOOL, "maximize": V.BOOL}
+    decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+
+    def init_state(self, p, group):
+        state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = self.zeros_state(p)
+        return state
+
+    def initial_tensor_scalars(self, group, p):
+        return {"step": 0.0}
+
+    def _update(self, batch: StepBatch) -> None:
+        ok = batch.ok
+        steps = self.S["step"]
+        for it in batch.items:
+            group, st = it.group, it.state
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            t = steps[it.flat_index] + 1
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            if group["maximize"]:
+                g = -g
+            if wd != 0:
+                if self.decoupled:
+                    x = x * (1 - lr * wd)
+                else:
+                    g = R.axpy(g, x, wd)
+            m = torch.lerp(st["exp_avg"], g, 1 - beta1)
+            v = R.addcmul(st["exp_avg_sq"] * beta2, g, g, 1 - beta2)
+            R.commit_(st["exp_avg"], m, ok)
+            R.commit_(st["exp_avg_sq"], v, ok)
+            if group["amsgrad"]:
+                v = torch.maximum(st["max_exp_avg_sq"], v)
+                R.commit_(st["max_exp_avg_sq"], v, ok)
+            bias_correction1 = 1 - beta1 ** t
+            bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
+            denom = v.sqrt() / bias_correction2_sqrt + eps
+            R.commit_(it.p, R.addcdiv(x, m, denom, -(lr / bias_correction1)), ok)
+            self._set("step", t, ok, it.flat_index)
+        self.S["steps"].add_(ok.to(torch.float64))
+
+
+class AdamW(Adam):
+    """AdamW (Loshchilov & Hutter, 2019): Adam with decoupled weight decay, as ``torch.optim.AdamW``."""
+
+    decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
+                         skip_nonfinite=skip_nonfinite)

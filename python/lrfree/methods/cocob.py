@@ -1,0 +1,69 @@
+"""COCOB-Backprop (Orabona & Tommasi, NeurIPS 2017), semantics of ``parameterfree`` (bremen79).
+
+Coin betting, purely per element (no reductions; ALGORITHMS §4.8)::
+
+    g̃ = (g + wd·x) · γ                       γ = the largest group lr (1 by default; repo HEAD)
+    L ← max(L, |g̃|);   θ ← θ − g̃;   G ← G + |g̃|;   R ← max(R − g̃ (x − x_0), 0)
+    x ← x_0 + (L + R) θ / (L · max(G + L, α L))
+
+with L initialised to eps. At γ = 1 this is exactly PyPI ``parameterfree`` 0.0.1. One pass, no syncs;
+state 20 B/param (θ, G, L, R, x_0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import FusedOptimizer, StepBatch
+
+
+class COCOB(FusedOptimizer):
+    """COCOB-Backprop.
+
+    Args:
+        params: parameters or param groups.
+        alpha: the cap α on the betting fraction early in training (100).
+        eps: initial value of the per-element gradient bound L.
+        weight_decay: coupled L2 penalty.
+        lr: multiplier on the gradients fed to the bettor (largest group value; 1 is the paper's method).
+    """
+
+    hyperparameters = {"alpha": V.NONNEG, "eps": V.POSITIVE, "weight_decay": V.NONNEG, "lr": V.NONNEG}
+    shared_hyperparameters = ("alpha", "eps")
+
+    def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
+                 backend: str = "auto", skip_nonfinite: bool = True):
+        super().__init__(params, dict(alpha=alpha, eps=eps, weight_decay=weight_decay, lr=lr), backend=backend,
+                         skip_nonfinite=skip_nonfinite)
+
+    def init_state(self, p, group):
+        z = self.zeros_state
+        return {"sum_negative_gradients": z(p), "grad_norm_sum": z(p),
+                "L": torch.full_like(p, group["eps"], dtype=self.state_dtype(p)),
+                "reward": z(p), "x0": self.copy_of(p)}
+
+    def _update(self, batch: StepBatch) -> None:
+        ok = batch.ok
+        alpha = self.param_groups[0]["alpha"]
+        scale = max(group["lr"] for group in self.param_groups)
+        for it in batch.items:
+            st = it.state
+            x = R.up(it.p, it.p)
+            x0 = R.up(st["x0"], it.p)
+            g = R.up(it.g, it.p)
+            if it.group["weight_decay"] != 0:
+                g = R.axpy(g, x, it.group["weight_decay"])
+            if scale != 1.0:
+                g = g * scale
+            L = torch.maximum(st["L"], g.abs())
+            theta = st["sum_negative_gradients"] - g
+            G = st["grad_norm_sum"] + g.abs()
+            reward = R.addcmul(st["reward"], g, x - x0, -1.0).clamp_min(0.0)
+            denom = torch.maximum(G + L, L * alpha) * L
+            x_new = (reward + L) * theta / denom + x0
+            for key, value in (("L", L), ("sum_negative_gradients", theta), ("grad_norm_sum", G), ("reward", reward)):
+                R.commit_(st[key], value, ok)
+            R.commit_(it.p, x_new, ok)
+        self.S["steps"].add_(ok.to(torch.float64))

@@ -1,0 +1,113 @@
+"""D-Adapt Adam (Defazio & Mishchenko, ICML 2023), semantics of the official ``dadaptation`` 3.2.
+
+One global d (domain G; ALGORITHMS §4.6). Step k, γ = max group lr, r = the group's ``layer_scale``::
+
+    λ_k = d_k γ bc_k          (bc_k = √(1−β2^{k+1}) / (1−β1^{k+1}) with bias correction, else 1)
+    g ← g + wd·x   (unless decoupled)
+    A += r λ_k ⟨g, s / (√v + eps)⟩                      (old s, old v; groups with lr > 0)
+    m ← β1 m + r λ_k (1−β1) g;   v ← β2 v + (1−β2) g²;   s ← √β2 s + λ_k (1−√β2) g;   S1 += r ‖s‖₁
+    N ← √β2 N + (1−√β2) A;      d_{k+1} = max(d_k, min(N / ((1−√β2) S1), d_k · growth_rate))
+    x ← x − wd λ_k x (if decoupled);   x ← x − m / (√v + eps)
+
+The update never uses d_{k+1} (m already carries λ_k), so a fused backend needs one pass. Betas, bias
+correction, growth rate and ``decouple`` come from param group 0; eps, weight decay and layer_scale are
+per group, as in the reference. S1 = 0 leaves x, d and N unchanged (the reference returns early).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import StepBatch
+from ._dadapt import DAdaptBase
+
+
+class DAdaptAdam(DAdaptBase):
+    """Adam with D-Adaptation of the step size.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier γ on the adapted step (1.0).
+        betas: Adam's (β1, β2).
+        eps: Adam's ε.
+        weight_decay: L2 penalty (coupled) or decoupled weight decay (``decouple=True``).
+        log_every, fsdp_in_use: accepted for compatibility with ``dadaptation``.
+        decouple: AdamW-style decoupled weight decay.
+        use_bias_correction: Adam's bias correction folded into the step.
+        d0: initial distance estimate.
+        growth_rate: cap on the per-step growth of d (inf: uncapped).
+        layer_scale (per group): weight of the group in the statistics and the step.
+    """
+
+    hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "eps": V.POSITIVE, "weight_decay": V.NONNEG,
+                       "log_every": V.integer(0), "decouple": V.BOOL, "use_bias_correction": V.BOOL,
+                       "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL, "layer_scale": V.NONNEG}
+
+    def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
+                 growth_rate: float = math.inf, fsdp_in_use: bool = False, *, backend: str = "auto",
+                 skip_nonfinite: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
+                        decouple=decouple, use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
+                        fsdp_in_use=fsdp_in_use, layer_scale=1.0)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+
+    def init_state(self, p, group):
+        return {"s": self.zeros_state(p), "exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+
+    def initial_scalars(self):
+        d0 = self.param_groups[0]["d0"]
+        return {"d": d0, "d_hat": d0, "numerator": 0.0, "step_size": 0.0}
+
+    def _update(self, batch: StepBatch) -> None:
+        S, ok = self.S, batch.ok
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        sqrt_beta2 = beta2 ** 0.5
+        decouple = hp["decouple"]
+        lr = self._shared_lr()
+        k = S["steps"]
+        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
+                           if hp["use_bias_correction"] else 1.0)
+        dlr = S["d"] * lr * bias_correction
+
+        numerator_parts, l1_parts = [], []
+        for it in batch.items:
+            group = it.group
+            decay, r, eps = group["weight_decay"], group["layer_scale"], group["eps"]
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            if decay != 0 and not decouple:
+                g = R.axpy(g, x, decay)
+            if group["lr"] > 0:
+                st = it.state
+                s, m, v = st["s"], st["exp_avg"], st["exp_avg_sq"]
+                numerator_parts.append(r * dlr * R.dot(g, s / (v.sqrt() + eps)))
+                R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
+                R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
+                s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
+                l1_parts.append(r * R.l1(s_next))
+                R.commit_(s, s_next, ok)
+        numerator = sqrt_beta2 * S["numerator"] + (1 - sqrt_beta2) * batch.total(numerator_parts)
+        s_l1 = batch.total(l1_parts)
+        proceed = ok & (s_l1 > 0)
+        d_hat = R.safe_div(numerator, (1 - sqrt_beta2) * s_l1)
+        d_next = torch.maximum(S["d"], torch.minimum(d_hat, S["d"] * hp["growth_rate"])) if lr > 0 else S["d"]
+
+        for it in batch.items:
+            group = it.group
+            x = R.up(it.p, it.p)
+            denom = it.state["exp_avg_sq"].sqrt() + group["eps"]
+            if group["weight_decay"] != 0 and decouple:
+                x = R.axpy(x, x, -group["weight_decay"] * dlr)
+            R.commit_(it.p, x - it.state["exp_avg"] / denom, proceed)
+
+        self._set("step_size", dlr, proceed)
+        self._set("numerator", numerator, proceed)
+        self._set("d_hat", d_hat, proceed)
+        self._set("d", d_next, proceed)
+        S["steps"].add_(proceed.to(torch.float64))

@@ -1,0 +1,102 @@
+"""D-Adapt SGD (Defazio & Mishchenko, ICML 2023), semantics of the official ``dadaptation`` 3.2.
+
+One global distance estimate d (domain G; ALGORITHMS §4.5). Step k, with γ = max of the group lrs::
+
+    ‖g_0‖: norm of the first non-zero gradient (groups with lr > 0, before weight decay)
+    λ_k = d_k γ / ‖g_0‖
+    g ← g + wd·x;   N += λ_k ⟨g, s⟩;   s ← s + λ_k g;   Q = ‖s‖²          (groups with lr > 0)
+    d_{k+1} = max(d_k, min(2N/√Q, d_k · growth_rate))
+    x ← β x + (1 − β)(x_0 − s)                                             (β = momentum)
+
+``momentum``, ``weight_decay`` and ``growth_rate`` come from param group 0, like the reference; group
+lrs must all equal γ or be 0. The update of step k does not use d_{k+1}, so a fused backend does it in
+one pass. State: s and x_0 (z = x_0 − s is not stored).
+
+Where the reference would crash or sync, this implementation is predicated on device: Q = 0 leaves
+x, d and N unchanged; ‖g_0‖ is the first *non-zero* gradient norm (the reference divides by zero when
+the first gradient is all zero).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import StepBatch
+from ._dadapt import DAdaptBase
+
+
+class DAdaptSGD(DAdaptBase):
+    """SGD with D-Adaptation of the step size.
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier γ on the adapted step (1.0; schedule it with an lr_scheduler).
+        momentum: primal-averaging momentum β in [0, 1).
+        weight_decay: coupled L2 penalty.
+        log_every: accepted for compatibility with ``dadaptation``; use :meth:`scalars` to log.
+        d0: initial distance estimate.
+        growth_rate: cap on the per-step growth of d (inf: uncapped).
+        fsdp_in_use: accepted for compatibility; sharded training is handled by lrfree.distributed.
+    """
+
+    hyperparameters = {"lr": V.NONNEG, "momentum": V.UNIT_INTERVAL, "weight_decay": V.NONNEG,
+                       "log_every": V.integer(0), "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL}
+
+    def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
+                 d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
+                 backend: str = "auto", skip_nonfinite: bool = True):
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
+                        growth_rate=growth_rate, fsdp_in_use=fsdp_in_use)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+
+    def init_state(self, p, group):
+        return {"s": self.zeros_state(p), "x0": self.copy_of(p)}
+
+    def initial_scalars(self):
+        d0 = self.param_groups[0]["d0"]
+        return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0}
+
+    def _update(self, batch: StepBatch) -> None:
+        S, ok = self.S, batch.ok
+        hp = self.param_groups[0]
+        lr = self._shared_lr()
+        decay, beta = hp["weight_decay"], hp["momentum"]
+        adapting = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]
+
+        first_norm = batch.total(batch.grad_sq[i] for i in adapting).sqrt()
+        g0_norm = torch.where(S["g0_norm"] > 0, S["g0_norm"], first_norm)
+        dlr = R.safe_div(S["d"] * lr, g0_norm)
+
+        numerator_parts, s_sq_parts, new_s = [], [], []
+        for i, it in enumerate(batch.items):
+            g = R.up(it.g, it.p)
+            if decay != 0:
+                g = R.axpy(g, R.up(it.p, it.p), decay)
+            s = it.state["s"]
+            if i in adapting:
+                numerator_parts.append(dlr * R.dot(g, s))
+                s_next = R.axpy(s, g, dlr)
+                s_sq_parts.append(R.sumsq(s_next))
+                R.commit_(s, s_next, ok)
+        numerator = S["numerator"] + batch.total(numerator_parts)
+        s_sq = batch.total(s_sq_parts)
+        proceed = ok & (s_sq > 0)
+        d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
+        d_next = torch.maximum(S["d"], torch.minimum(d_hat, S["d"] * hp["growth_rate"])) if lr > 0 else S["d"]
+
+        averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
+        for it in batch.items:
+            x = R.up(it.p, it.p)
+            z = R.up(it.state["x0"], it.p) - it.state["s"]
+            R.commit_(it.p, R.axpy(x * (1.0 - averaging), z, averaging), proceed)
+
+        self._set("step_size", dlr, proceed)
+        self._set("g0_norm", g0_norm, proceed)
+        self._set("numerator", numerator, proceed)
+        self._set("d", d_next, proceed)
+        self._set("d_hat", d_hat, proceed)
+        S["steps"].add_(proceed.to(torch.float64))

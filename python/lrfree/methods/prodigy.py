@@ -1,0 +1,147 @@
+"""Prodigy (Mishchenko & Defazio, ICML 2024), semantics of the official ``prodigyopt`` 1.1.2.
+
+One global d (domain G; ALGORITHMS §4.7). Step k, γ = max group lr, J = every ``slice_p``-th element::
+
+    λ_k = d_k γ bc_k;     R ← β3 R
+    g ← g + wd·x   (unless decoupled)
+    ΔR += (d_k/d0) λ_k ⟨g_J, p0 − x_J⟩                                   (groups with lr > 0)
+    m ← β1 m + d_k (1−β1) g;   v ← β2 v + d_k² (1−β2) g²;   s ← β3 s + (d_k/d0) λ_k g_J;   S1 += ‖s‖₁
+    R ← R + ΔR;   d̂ = d_coef R / S1;   d ← max(d, d̂) only while d = d0;   d_max ← max(d_max, d̂)
+    d_{k+1} = min(d_max, d · growth_rate)
+    x ← x − wd λ_k x (if decoupled);   x ← x − λ_k m / (√v + d_{k+1} eps)   (β1 = 0: λ_k d_{k+1} g / (...))
+
+The update uses d_{k+1} (inside ε, and fully when β1 = 0), so an exact fused backend needs two passes.
+``safeguard_warmup`` replaces λ_k by d_k in the s update. Betas, β3, d_coef, growth rate, decouple and
+bias correction come from param group 0; eps, weight decay, d0, safeguard and slice_p are per group, and
+the "d is still d0" test uses the last group's d0, all as in the reference. S1 = 0 leaves x and the
+scalars unchanged (the reference returns early).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import StepBatch
+from ._dadapt import DAdaptBase
+
+
+class Prodigy(DAdaptBase):
+    """Prodigy: an expeditiously adaptive parameter-free learner (Adam direction).
+
+    Args:
+        params: parameters or param groups.
+        lr: multiplier γ on the adapted step (1.0).
+        betas: Adam's (β1, β2); β1 = 0 drops the first moment.
+        beta3: decay of the D-estimate EMAs (None: √β2).
+        eps: Adam's ε (scaled by d).
+        weight_decay: decoupled (default) or coupled weight decay.
+        decouple: AdamW-style decoupled weight decay.
+        use_bias_correction: Adam's bias correction folded into the step.
+        safeguard_warmup: use d instead of d·γ in the denominator statistic (for warm-up schedules).
+        d0: initial distance estimate.
+        d_coef: multiplier on the estimate d̂.
+        growth_rate: cap on the per-step growth of d (inf: uncapped).
+        fsdp_in_use: accepted for compatibility with ``prodigyopt``.
+        slice_p: compute the D-estimate on every slice_p-th element only (saves memory).
+    """
+
+    hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "beta3": V.optional(V.UNIT_INTERVAL), "eps": V.POSITIVE,
+                       "weight_decay": V.NONNEG, "decouple": V.BOOL, "use_bias_correction": V.BOOL,
+                       "safeguard_warmup": V.BOOL, "d0": V.POSITIVE, "d_coef": V.POSITIVE, "growth_rate": V.GROWTH,
+                       "fsdp_in_use": V.BOOL, "slice_p": V.integer(1)}
+
+    def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
+                 weight_decay: float = 0, decouple: bool = True, use_bias_correction: bool = False,
+                 safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
+                 growth_rate: float = math.inf, fsdp_in_use: bool = False, slice_p: int = 1, *,
+                 backend: str = "auto", skip_nonfinite: bool = True):
+        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
+                        d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+
+    @staticmethod
+    def _sliced(t: torch.Tensor, group: dict) -> torch.Tensor:
+        return t.reshape(-1)[:: group["slice_p"]]
+
+    def init_state(self, p, group):
+        state = {"s": self.zeros_state(self._sliced(p, group)),
+                 "p0": self._sliced(p, group).detach().clone(),
+                 "exp_avg_sq": self.zeros_state(p)}
+        if self.param_groups[0]["betas"][0] > 0:
+            state["exp_avg"] = self.zeros_state(p)
+        return state
+
+    def initial_scalars(self):
+        d0 = self.param_groups[0]["d0"]
+        return {"d": d0, "d_max": d0, "d_hat": d0, "numerator": 0.0, "denominator": 0.0, "step_size": 0.0}
+
+    def _update(self, batch: StepBatch) -> None:
+        S, ok = self.S, batch.ok
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
+        decouple = hp["decouple"]
+        lr = self._shared_lr()
+        d, k = S["d"], S["steps"]
+        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
+                           if hp["use_bias_correction"] else 1.0)
+        dlr = d * lr * bias_correction
+
+        # pass A: statistics and moment updates
+        delta_parts, l1_parts, directions = [], [], []
+        for it in batch.items:
+            group, st = it.group, it.state
+            decay, d0 = group["weight_decay"], group["d0"]
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            if decay != 0 and not decouple:
+                g = R.axpy(g, x, decay)
+            directions.append(g)
+            if group["lr"] > 0:
+                g_j = self._sliced(g, group)
+                delta_parts.append((d / d0) * dlr * R.dot(g_j, R.up(st["p0"], it.p) - self._sliced(x, group)))
+                if beta1 > 0:
+                    m = st["exp_avg"]
+                    R.commit_(m, R.axpy(m * beta1, g, d * (1 - beta1)), ok)
+                v = st["exp_avg_sq"]
+                R.commit_(v, R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
+                weight = d if group["safeguard_warmup"] else dlr
+                s_next = R.axpy(st["s"] * beta3, g_j, (d / d0) * weight)
+                l1_parts.append(R.l1(s_next))
+                R.commit_(st["s"], s_next, ok)
+        denominator = batch.total(l1_parts)
+        proceed = ok & (denominator > 0)
+        numerator = beta3 * S["numerator"] + batch.total(delta_parts)
+        if lr > 0:
+            d_hat = R.safe_div(hp["d_coef"] * numerator, denominator)
+            d_new = torch.where(d == self.param_groups[-1]["d0"], torch.maximum(d, d_hat), d)
+            d_max = torch.maximum(S["d_max"], d_hat)
+            d_new = torch.minimum(d_max, d_new * hp["growth_rate"])
+        else:
+            d_hat, d_new, d_max = d, d, S["d_max"]
+
+        # pass B: the update, with the new d inside ε
+        for it, g in zip(batch.items, directions):
+            group, st = it.group, it.state
+            x = R.up(it.p, it.p)
+            denom = st["exp_avg_sq"].sqrt() + d_new * group["eps"]
+            if group["weight_decay"] != 0 and decouple:
+                x = R.axpy(x, x, -group["weight_decay"] * dlr)
+            if beta1 > 0:
+                x_new = R.addcdiv(x, st["exp_avg"], denom, -dlr)
+            else:
+                x_new = R.addcdiv(x, g, denom, -dlr * d_new)
+            R.commit_(it.p, x_new, proceed)
+
+        self._set("step_size", dlr, proceed)
+        self._set("numerator", numerator, proceed)
+        self._set("denominator", denominator, proceed)
+        self._set("d_hat", d_hat, proceed)
+        self._set("d_max", d_max, proceed)
+        self._set("d", d_new, proceed)
+        S["steps"].add_(proceed.to(torch.float64))

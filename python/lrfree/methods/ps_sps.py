@@ -1,0 +1,102 @@
+"""PS-SPS: the stochastic Polyak step size on the Adam-scaled network (Suh & Seo, Algorithm 1).
+
+SPS computed in the scaled space, where the gradient is g/α (ALGORITHMS §2.2; reconstruction)::
+
+    α_t² = √v̂_t + ε                          (Adam scaling rule; AMSGrad option)
+    η_t  = (f_t − f*)₊ / (c ‖g_t / α_t‖²)     = (f_t − f*)₊ / (c Σ_j g_j² / α_j²)
+    x    ← x − lr · η_t · (u_t + λ x)          u_t = g_t/α_t² (β1 = 0, the paper's PS-SPS) or m̂_t/α_t²
+
+With ``scaling="none"`` and β1 = 0 it is exactly SPS in ``"constant"`` mode with the same c (and ε = 0).
+
+Safeguard. When f* is not attained (language models: the loss stays near the data's entropy while
+‖g/α‖ shrinks) the uncapped Polyak step grows without bound and training diverges, as plain SPS does.
+The library keeps the paper's rule and bounds it with SPS's own "smooth" growth cap, made relative::
+
+    η_t ≤ gamma^(1/n_batches_per_epoch) · η_{t−1}      (η_{−1} = the first Polyak step)
+
+i.e. the step may grow by at most a factor ``gamma`` per ``n_batches_per_epoch`` steps (defaults 2 and
+500, the reference SPS values) but may shrink at once. Starting from the first Polyak step rather than
+a fixed ``init_step_size`` keeps the rule free of a learning rate and invariant to rescaling the loss.
+``smooth=False`` gives the uncapped rule (optionally with ``eta_max``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import validation as V
+from ..backends import torch_ref as R
+from ..optimizer import FusedOptimizer, StepBatch
+from ._scaling import ScaledStep, init_scaling_state
+
+
+class PSSPS(FusedOptimizer):
+    """Parameter-scaled SPS: Adam's direction with a stochastic Polyak step size; no learning rate.
+
+    Args:
+        params: parameters or param groups.
+        c: the Polyak constant (0.5, as the paper uses for SPS).
+        f_star: the optimal (lower-bound) loss value f*.
+        betas: (β1, β2): β1 is the momentum of the direction (0: the paper's plain scaled gradient);
+            β2 the decay of the second moment that defines the scale α.
+        eps: ε in α² = √v̂ + ε.
+        amsgrad: AMSGrad scaling (α never decreases).
+        lr: multiplier on the step size (default 1).
+        weight_decay: decoupled weight decay (per group).
+        smooth: bound the step's growth (see module docstring); ``gamma``, ``n_batches_per_epoch``.
+        eta_max: optional absolute cap on η_t.
+        scaling: ``"adam"`` (default) or ``"none"`` (α ≡ 1, i.e. SPS; for testing).
+    """
+
+    requires_loss = True
+    hyperparameters = {"c": V.POSITIVE, "f_star": V.ANY_REAL, "betas": V.betas(), "eps": V.POSITIVE,
+                       "amsgrad": V.BOOL, "lr": V.NONNEG, "weight_decay": V.NONNEG, "smooth": V.BOOL,
+                       "gamma": V.real(1.0, allow_inf=True), "n_batches_per_epoch": V.integer(1),
+                       "eta_max": V.optional(V.POSITIVE_OR_INF), "scaling": V.choice("adam", "none")}
+    shared_hyperparameters = ("c", "f_star", "betas", "eps", "amsgrad", "smooth", "gamma", "n_batches_per_epoch",
+                              "eta_max", "scaling")
+
+    def __init__(self, params, c: float = 0.5, f_star: float = 0.0, betas=(0.0, 0.999), eps: float = 1e-8,
+                 amsgrad: bool = False, *, lr: float = 1.0, weight_decay: float = 0.0, smooth: bool = True,
+                 gamma: float = 2.0, n_batches_per_epoch: int = 500, eta_max: float | None = None,
+                 scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True):
+        defaults = dict(c=c, f_star=f_star, betas=tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
+                        weight_decay=weight_decay, smooth=smooth, gamma=gamma,
+                        n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+
+    def init_state(self, p, group):
+        return init_scaling_state(self, p, group)
+
+    def initial_scalars(self):
+        return {"step_size": 0.0, "smooth_ref": math.inf, "scaled_grad_norm": 0.0}
+
+    def _update(self, batch: StepBatch) -> None:
+        S, ok = self.S, batch.ok
+        hp = self.param_groups[0]
+        t = S["steps"] + 1
+        grads = [R.up(it.g, it.p) for it in batch.items]
+        steps = [ScaledStep(hp, it.state, g, t) for it, g in zip(batch.items, grads)]
+        scaled_sq = batch.total((g * g / st.alpha_sq).to(torch.float64).sum() for g, st in zip(grads, steps))
+        gap = (batch.loss - hp["f_star"]).clamp_min(0.0)
+        eta = R.safe_div(gap, hp["c"] * scaled_sq)
+        if hp["smooth"]:
+            growth = hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"])
+            eta = torch.minimum(eta, growth * S["smooth_ref"])
+        if hp["eta_max"] is not None:
+            eta = eta.clamp_max(hp["eta_max"])
+        # a zero gradient takes no step and does not reset the growth reference
+        moved = scaled_sq > 0
+        self._set("smooth_ref", torch.where(moved, eta, S["smooth_ref"]), ok)
+        for it, st in zip(batch.items, steps):
+            x = R.up(it.p, it.p)
+            u = st.direction
+            if it.group["weight_decay"] != 0:
+                u = R.axpy(u, x, it.group["weight_decay"])
+            st.commit(ok)
+            R.commit_(it.p, R.axpy(x, u, -(eta * it.group["lr"])), ok)
+        self._set("step_size", eta, ok)
+        self._set("scaled_grad_norm", scaled_sq.sqrt(), ok)
+        S["steps"].add_(ok.to(torch.float64))

@@ -1,0 +1,406 @@
+"""``FusedOptimizer``: the ``torch.optim.Optimizer`` every lrfree method derives from.
+
+One step is always the same pipeline (see ARCHITECTURE §1)::
+
+    gather grads ─► stats (per-tensor fp64 partials) ─► scalar rule (0-d fp64 device tensors)
+                 ─► apply (element-wise update, committed only if the step is accepted)
+
+This module owns everything that is not a method's math: param groups and their validation, lazy
+state, the device-resident scalar store, the non-finite guard, ``scalars()``, ``state_dict`` /
+``load_state_dict`` and backend selection. Nothing in :meth:`FusedOptimizer.step` reads a device
+value on the host, so a step never synchronizes and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+
+from . import validation as V
+from .backends import resolve_backend
+from .backends import torch_ref as R
+
+__all__ = ["FusedOptimizer", "StepBatch", "Item"]
+
+STATE_DICT_FORMAT = 1
+
+# Domains a scalar of the store can live on (ALGORITHMS §0): one value for the whole optimizer, one per
+# param group, or one per parameter tensor (indexed by the tensor's position across all groups).
+GLOBAL, GROUP, TENSOR = "global", "group", "tensor"
+
+
+@dataclass
+class Item:
+    """One parameter that has a gradient in this step."""
+
+    p: torch.Tensor
+    g: torch.Tensor
+    group: dict
+    group_index: int
+    flat_index: int  # position of p among all params of all groups; indexes TENSOR-domain scalars
+    state: dict
+
+
+@dataclass
+class StepBatch:
+    """What a method's update sees: the active parameters and the per-step inputs, all on device."""
+
+    items: list[Item]
+    ok: torch.Tensor  # 0-d bool: False when the loss or a gradient is non-finite
+    loss: torch.Tensor | None  # 0-d fp64, or None when the caller gave no loss
+    grad_sq: torch.Tensor  # (len(items),) fp64: sum of squared gradient elements per tensor
+    device: torch.device
+
+    def total(self, values: Iterable[torch.Tensor], start: torch.Tensor | None = None) -> torch.Tensor:
+        """``start`` plus the 0-d partials, in fp64, left to right: deterministic, and the order in
+        which the reference implementations accumulate their per-tensor ``.item()`` values."""
+        out = torch.zeros((), dtype=torch.float64, device=self.device) if start is None else start
+        for v in values:
+            out = out + v
+        return out
+
+
+def _real_scalar(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class: param groups, lazy state, scalar store, non-finite guard and backend dispatch.
+
+    Subclasses provide
+
+    * ``hyperparameters``: ``{name: validation.Check}`` applied to every param group;
+    * ``shared_hyperparameters``: names that must be equal in every group (global step-size rules);
+    * ``requires_loss``: True for Polyak-type methods, which need ``step(loss=...)``;
+    * :meth:`init_state` (per-tensor state), :meth:`initial_scalars` (and the group/tensor variants);
+    * :meth:`_update`, the method's stats → rule → apply on a :class:`StepBatch`.
+    """
+
+    hyperparameters: ClassVar[Mapping[str, V.Check]] = {}
+    shared_hyperparameters: ClassVar[tuple[str, ...]] = ()
+    requires_loss: ClassVar[bool] = False
+
+    def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True):
+        V.BOOL(type(self).__name__, "skip_nonfinite", skip_nonfinite)
+        self._requested_backend = resolve_backend(backend, type(self).__name__)
+        self.skip_nonfinite = skip_nonfinite
+        self._scalar_store: dict[str, torch.Tensor] = {}
+        self._scalar_domain: dict[str, str] = {}
+        self._store_shape = (0, 0)  # (groups, params) the store was sized for
+        self._device: torch.device | None = None
+        V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict) -> None:
+        index = len(self.param_groups)
+        owner = type(self).__name__
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            V.validate_group(owner, index, group, self.hyperparameters)
+            for name in self.shared_hyperparameters:
+                first = self.param_groups[0][name]
+                if group[name] != first:
+                    raise ValueError(
+                        f"{owner} param_groups[{index}]: {name}={group[name]!r} differs from "
+                        f"param_groups[0] ({first!r}); {name} is a property of the whole optimizer "
+                        "and must be the same in every group")
+            expected = self._device if self._device is not None else (
+                group["params"][0].device if group["params"] else None)
+            for j, p in enumerate(group["params"]):
+                V.validate_param(owner, group, index, j, p)
+                if p.device != expected:
+                    raise ValueError(
+                        f"{owner}: {V.param_label(group, index, j, p)} is on {p.device} but other "
+                        f"parameters are on {expected}; an lrfree optimizer keeps its step scalars on "
+                        "one device, so all its parameters must live there")
+            if group["params"] and self._device is None:
+                self._device = group["params"][0].device
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        """Per-tensor state, created the first time ``p`` has a gradient."""
+        return {}
+
+    def initial_scalars(self) -> dict[str, float]:
+        """Global scalar state (fp64 on device) and its initial values."""
+        return {}
+
+    def initial_group_scalars(self, group: dict) -> dict[str, float]:
+        """Scalar state with one value per param group."""
+        return {}
+
+    def initial_tensor_scalars(self, group: dict, p: torch.Tensor) -> dict[str, float]:
+        """Scalar state with one value per parameter tensor."""
+        return {}
+
+    def _update(self, batch: StepBatch) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _public_scalars(self) -> dict[str, torch.Tensor]:
+        """Extra read-only scalars for :meth:`scalars` (derived values such as the last step size)."""
+        return {}
+
+    # ------------------------------------------------------------------ dtype policy
+    @staticmethod
+    def state_dtype(p: torch.Tensor) -> torch.dtype:
+        """Optimizer state is fp32 for fp32/bf16/fp16 parameters and fp64 for fp64 parameters."""
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    @classmethod
+    def zeros_state(cls, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p, dtype=cls.state_dtype(p), memory_format=torch.preserve_format)
+
+    @staticmethod
+    def copy_of(p: torch.Tensor) -> torch.Tensor:
+        """A copy of the parameter in its own dtype (exact: used for x0-style anchors)."""
+        return p.detach().clone(memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------ the scalar store
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else torch.device("cpu")
+
+    def _flat_params(self) -> list[tuple[int, dict, torch.Tensor]]:
+        return [(gi, g, p) for gi, g in enumerate(self.param_groups) for p in g["params"]]
+
+    def _sync_store(self) -> None:
+        """Create the scalar store on first use, and extend per-group / per-tensor vectors when
+        ``add_param_group`` has appended groups since (groups are only ever appended)."""
+        flat = self._flat_params()
+        shape = (len(self.param_groups), len(flat))
+        if shape == self._store_shape and self._scalar_store:
+            return
+        f64 = dict(dtype=torch.float64, device=self.device)
+        store, domain = self._scalar_store, self._scalar_domain
+        if not store:
+            for name, value in {"steps": 0.0, "skipped": 0.0, **self.initial_scalars()}.items():
+                store[name] = torch.full((), float(value), **f64)
+                domain[name] = GLOBAL
+        n_groups, n_params = self._store_shape
+        new_groups = [self.initial_group_scalars(g) for g in self.param_groups[n_groups:]]
+        new_tensors = [self.initial_tensor_scalars(g, p) for _, g, p in flat[n_params:]]
+        for rows, dom in ((new_groups, GROUP), (new_tensors, TENSOR)):
+            if not rows:
+                continue
+            for name in rows[0]:
+                tail = torch.tensor([float(r[name]) for r in rows], **f64)
+                store[name] = torch.cat([store[name], tail]) if name in store else tail
+                domain[name] = dom
+        self._store_shape = shape
+
+    @property
+    def S(self) -> dict[str, torch.Tensor]:
+        """The live scalar store (fp64 device tensors). Methods update it only through :meth:`_set`."""
+        return self._scalar_store
+
+    def _set(self, name: str, value: torch.Tensor | float, ok: torch.Tensor, index: int | slice | None = None) -> None:
+        """Write a new scalar value in place, only if the step is accepted.
+
+        In-place writes keep the tensor's storage fixed, which is what CUDA-graph replay needs.
+        """
+        dst = self._scalar_store[name] if index is None else self._scalar_store[name][index]
+        value = torch.as_tensor(value, dtype=torch.float64, device=dst.device)
+        dst.copy_(torch.where(ok, value, dst))
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        """The method's live step scalars (``d``, step size, skip counter, ...) as device tensors.
+
+        Reading them does not synchronize; call ``.item()`` yourself outside the hot loop to log.
+        Global scalars are 0-d; per-group ones have one entry per param group, per-tensor ones one
+        entry per parameter (in param-group order).
+        """
+        self._sync_store()
+        out = {k: v.detach().clone() for k, v in self._scalar_store.items()}
+        out.update({k: v.detach().clone() for k, v in self._public_scalars().items()})
+        return out
+
+    # ------------------------------------------------------------------ step
+    def _loss_tensor(self, loss: Any) -> torch.Tensor | None:
+        owner = type(self).__name__
+        if loss is None:
+            if self.requires_loss:
+                raise ValueError(
+                    f"{owner} sets its step size from the loss value: call step(loss=loss) with the "
+                    "0-d loss tensor whose gradient was just computed, or step(closure)")
+            return None
+        if isinstance(loss, torch.Tensor):
+            if loss.dim() != 0:
+                raise ValueError(f"{owner}.step: loss must be a 0-d tensor or a number, got a tensor of "
+                                 f"shape {tuple(loss.shape)} (reduce it with .mean() or .sum() first)")
+            if not (loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"{owner}.step: loss must be a real floating-point tensor, got {loss.dtype}")
+            return loss.detach().to(device=self.device, dtype=torch.float64)
+        if _real_scalar(loss):
+            return torch.full((), float(loss), dtype=torch.float64, device=self.device)
+        raise TypeError(f"{owner}.step: loss must be a 0-d tensor or a real number, got {type(loss).__name__}")
+
+    def _gather(self) -> list[Item]:
+        owner = type(self).__name__
+        items: list[Item] = []
+        flat_index = 0
+        for gi, group in enumerate(self.param_groups):
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        raise TypeError(f"{owner}: {V.param_label(group, gi, j, p)} has a sparse gradient; "
+                                        "lrfree optimizers need dense gradients")
+                    if g.shape != p.shape or g.device != p.device:
+                        raise ValueError(f"{owner}: the gradient of {V.param_label(group, gi, j, p)} has shape "
+                                         f"{tuple(g.shape)} on {g.device}; it must match the parameter")
+                    state = self.state.get(p)
+                    if not state:
+                        state = self.init_state(p, group)
+                        if state:  # stateless methods leave optimizer.state empty, like torch's SGD
+                            self.state[p] = state
+                    items.append(Item(p, g, group, gi, flat_index, state))
+                flat_index += 1
+        return items
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, loss: Any = None) -> Any:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+            loss: the loss whose gradient is in ``.grad``, as a 0-d tensor (kept on device) or a
+                number. Required by Polyak-type methods; for the others it is only checked for
+                finiteness.
+
+        A non-finite loss or gradient skips the step on device: parameters and optimizer state stay
+        bit-identical and ``scalars()['skipped']`` counts it.
+        """
+        if closure is not None:
+            if loss is not None:
+                raise ValueError(f"{type(self).__name__}.step: pass either closure or loss, not both")
+            with torch.enable_grad():
+                loss = closure()
+        loss_t = self._loss_tensor(loss)
+        items = self._gather()
+        if not items:
+            return loss
+        self._sync_store()
+        grad_sq = torch.stack([R.sumsq(it.g) for it in items])
+        if self.skip_nonfinite:
+            ok = torch.isfinite(grad_sq.sum())
+            if loss_t is not None:
+                ok = ok & torch.isfinite(loss_t)
+        else:
+            ok = torch.ones((), dtype=torch.bool, device=self.device)
+        batch = StepBatch(items=items, ok=ok, loss=loss_t, grad_sq=grad_sq, device=self.device)
+        self._update(batch)
+        self._scalar_store["skipped"].add_((~ok).to(torch.float64))
+        return loss
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        self._sync_store()
+        sd["lrfree"] = {
+            "format": STATE_DICT_FORMAT,
+            "method": type(self).__name__,
+            "scalars": {k: v.detach().clone() for k, v in self._scalar_store.items()},
+            "domains": dict(self._scalar_domain),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a state dict saved by the same method, on any device or backend.
+
+        Everything is validated before anything is changed: a mismatched or corrupt state dict raises
+        ``ValueError`` and leaves the optimizer as it was. State tensors keep lrfree's dtype policy
+        (fp32 state for low-precision parameters) rather than being cast to the parameter dtype.
+        """
+        owner = type(self).__name__
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError(f"{owner}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        meta = state_dict.get("lrfree")
+        if not isinstance(meta, Mapping) or meta.get("format") != STATE_DICT_FORMAT:
+            raise ValueError(f"{owner}.load_state_dict: not an lrfree state dict (missing or unknown 'lrfree' "
+                             "entry); it was not saved by an lrfree optimizer of this version")
+        if meta.get("method") != owner:
+            raise ValueError(f"{owner}.load_state_dict: the state dict was saved by {meta.get('method')}, "
+                             f"not {owner}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"{owner}.load_state_dict: {len(saved_groups)} param groups saved, "
+                             f"{len(self.param_groups)} in this optimizer")
+        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"{owner}.load_state_dict: param_groups[{i}] has {len(sg['params'])} params "
+                                 f"saved but {len(g['params'])} here")
+        new_groups = []
+        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
+            ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
+            V.validate_group(f"{owner}.load_state_dict", i, ng, self.hyperparameters)
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in ng:
+                ng["param_names"] = g["param_names"]
+            new_groups.append(ng)
+
+        id_map = {}
+        for sg, ng in zip(saved_groups, new_groups):
+            for pid, p in zip(sg["params"], ng["params"]):
+                id_map[pid] = (p, ng)
+        new_state: dict = {}
+        for pid, saved in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"{owner}.load_state_dict: state for unknown parameter id {pid!r}")
+            if isinstance(saved, Mapping) and not saved:
+                continue  # a parameter that has not stepped yet
+            p, ng = id_map[pid]
+            template = self.init_state(p, ng)
+            if not isinstance(saved, Mapping) or set(saved) != set(template):
+                got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+                raise ValueError(f"{owner}.load_state_dict: state of parameter {pid} has keys {got}, "
+                                 f"expected {sorted(template)}")
+            entry = {}
+            for key, ref in template.items():
+                value = saved[key]
+                if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"{owner}.load_state_dict: state[{pid}][{key!r}] is {shape}, "
+                                     f"expected a tensor of shape {tuple(ref.shape)}")
+                entry[key] = value.detach().to(device=ref.device, dtype=ref.dtype).clone()
+            new_state[p] = entry
+
+        # The scalar store must have every scalar this method uses, with the right length.
+        old_store, old_domain, old_shape = self._scalar_store, self._scalar_domain, self._store_shape
+        self._scalar_store, self._scalar_domain, self._store_shape = {}, {}, (0, 0)
+        saved_groups_backup, self.param_groups = self.param_groups, new_groups
+        try:
+            self._sync_store()
+            template_store = self._scalar_store
+            saved_scalars = meta.get("scalars", {})
+            if set(saved_scalars) != set(template_store):
+                raise ValueError(f"{owner}.load_state_dict: saved scalars {sorted(saved_scalars)} do not match "
+                                 f"this method's {sorted(template_store)}")
+            for k, ref in template_store.items():
+                v = saved_scalars[k]
+                if not isinstance(v, torch.Tensor) or v.shape != ref.shape:
+                    raise ValueError(f"{owner}.load_state_dict: scalar {k!r} has the wrong shape")
+                ref.copy_(v.to(device=ref.device, dtype=torch.float64))
+        except Exception:
+            self._scalar_store, self._scalar_domain, self._store_shape = old_store, old_domain, old_shape
+            self.param_groups = saved_groups_backup
+            raise
+        state: defaultdict = defaultdict(dict)
+        state.update(new_state)
+        self.state = state
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__} [backend={self.backend}] (", 1)
+
+    @property
+    def backend(self) -> str:
+        return self._requested_backend

@@ -1,0 +1,55 @@
+"""Build and install lrfree.
+
+The Python package lives in ``python/lrfree`` and the Triton kernels in ``kernels/`` (installed as
+``lrfree.kernels``). The optional CUDA extension in ``csrc/`` is compiled only when asked for with
+``LRFREE_BUILD_CUDA=1`` and a CUDA toolkit is present.
+"""
+
+import os
+import re
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    with open(os.path.join(HERE, "python", "lrfree", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+def read_readme() -> str:
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
+REFERENCE_PACKAGES = [
+    "dadaptation==3.2",
+    "prodigyopt==1.1.2",
+    "dog-optimizer==1.0.3",
+    "parameterfree==0.0.1",
+]
+
+setup(
+    name="lrfree",
+    version=read_version(),
+    description="Learning-rate-free optimizers for PyTorch with fused multi-tensor kernels",
+    long_description=read_readme(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels"},
+    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels"],
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *REFERENCE_PACKAGES],
+        "demo": ["tqdm>=4.60", "matplotlib>=3.5"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", *REFERENCE_PACKAGES],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

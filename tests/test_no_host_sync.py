@@ -1,0 +1,79 @@
+"""(6) ``step()`` never reads a device value on the host.
+
+Every host-sync entry point of ``torch.Tensor`` (``item``, ``bool``/``float``/``int``/``index``
+conversions, ``tolist``, ``numpy``, ``cpu``) raises while ``step()`` runs, from the very first step
+(lazy state creation included). On CUDA the same steps also run under
+``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+import pytest
+import torch
+
+from awkward import loss_fn, make_params, param_groups
+from optimizer_db import OPTIMIZERS
+
+SYNC_ENTRY_POINTS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu",
+                     "__array__")
+
+
+class HostSync(AssertionError):
+    pass
+
+
+def forbid_syncs(monkeypatch):
+    def make(name):
+        def raising(self, *args, **kwargs):
+            raise HostSync(f"Tensor.{name} called inside step()")
+        return raising
+    for name in SYNC_ENTRY_POINTS:
+        monkeypatch.setattr(torch.Tensor, name, make(name))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_step_reads_nothing_back(info, monkeypatch):
+    params = make_params(torch.float32)
+    opt = info.make(param_groups(params, {"weight_decay": 0.01}
+                                 if "weight_decay" in info.cls.hyperparameters else None))
+    losses = []
+    for t in range(3):
+        opt.zero_grad()
+        loss = loss_fn(params, t)
+        loss.backward()
+        losses.append(loss.detach())
+    with monkeypatch.context() as m:
+        forbid_syncs(m)
+        opt.step(loss=losses[-1])
+        opt.step(loss=losses[-1])
+        opt.scalars()
+
+
+def test_the_guard_catches_a_sync(monkeypatch):
+    """The harness itself: a step that calls .item() is caught."""
+    t = torch.ones(())
+    with monkeypatch.context() as m:
+        forbid_syncs(m)
+        with pytest.raises(HostSync):
+            t.item()
+        with pytest.raises(HostSync):
+            bool(t > 0)
+        with pytest.raises(HostSync):
+            max(t, torch.zeros(()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_cuda_sync_debug_mode(info):
+    params = make_params(torch.float32, device="cuda")
+    opt = info.make(param_groups(params))
+    for t in range(3):
+        opt.zero_grad()
+        loss = loss_fn(params, t)
+        loss.backward()
+        if t == 0:
+            opt.step(loss=loss)  # lazy state creation happens here
+            continue
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step(loss=loss)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
