@@ -8,7 +8,6 @@ which internal scalars must agree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -103,14 +103,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            V.validate_group(owner, index, group, self.hyperparameters)
-            for name in self.shared_hyperparameters:
-                first = self.param_groups[0][name]
-                if group[name] != first:
-                    raise ValueError(
-                        f"{owner} param_groups[{index}]: {name}={group[name]!r} differs from "
-                        f"param_groups[0] ({first!r}); {name} is a property of the whole optimizer "
-                        "and must be the same in every group")
+            self._validate_hyperparameters(owner, index, group, self.param_groups[0])
             expected = self._device if self._device is not None else (
                 group["params"][0].device if group["params"] else None)
             for j, p in enumerate(group["params"]):
@@ -125,6 +118,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+
+    def _validate_hyperparameters(self, owner: str, index: int, group: Mapping, first: Mapping) -> None:
+        V.validate_group(owner, index, group, self.hyperparameters)
+        for name in self.shared_hyperparameters:
+            if group[name] != first[name]:
+                raise ValueError(
+                    f"{owner} param_groups[{index}]: {name}={group[name]!r} differs from param_groups[0] "
+                    f"({first[name]!r}); {name} is a property of the whole optimizer and must be the same "
+                    "in every group")
 
     # ------------------------------------------------------------------ hooks for subclasses
     def init_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
@@ -145,10 +147,6 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _update(self, batch: StepBatch) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    def _public_scalars(self) -> dict[str, torch.Tensor]:
-        """Extra read-only scalars for :meth:`scalars` (derived values such as the last step size)."""
-        return {}
 
     # ------------------------------------------------------------------ dtype policy
     @staticmethod
@@ -220,9 +218,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         entry per parameter (in param-group order).
         """
         self._sync_store()
-        out = {k: v.detach().clone() for k, v in self._scalar_store.items()}
-        out.update({k: v.detach().clone() for k, v in self._public_scalars().items()})
-        return out
+        return {k: v.detach().clone() for k, v in self._scalar_store.items()}
 
     # ------------------------------------------------------------------ step
     def _loss_tensor(self, loss: Any) -> torch.Tensor | None:
@@ -342,7 +338,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         new_groups = []
         for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
             ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
-            V.validate_group(f"{owner}.load_state_dict", i, ng, self.hyperparameters)
+            missing = set(g) - set(ng) - {"params", "param_names"}
+            if missing:
+                raise ValueError(f"{owner}.load_state_dict: param_groups[{i}] lacks {sorted(missing)}")
+            self._validate_hyperparameters(f"{owner}.load_state_dict", i, ng, new_groups[0] if new_groups else ng)
             ng["params"] = g["params"]
             if "param_names" in g and "param_names" not in ng:
                 ng["param_names"] = g["param_names"]

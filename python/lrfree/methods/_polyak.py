@@ -1,7 +1,11 @@
 """What the Polyak-type methods share: a loss-driven global step size along the raw gradient.
 
-Each of them (Inexact Polyak, SPS, DecSPS, AdaSPS) reduces Σg² over every active tensor (domain G),
-turns it and the loss into one step size η on device, and applies ``x <- x - lr_group * η * g``.
+Each of them (Inexact Polyak, SPS, DecSPS, AdaSPS) is the same pipeline::
+
+    stats:  Σg² over every active tensor (domain G)            (``_stats``; a fused backend reduces it)
+    rule:   (loss, Σg², scalar state) → step size η and new scalar state   (``_rule``: 0-d tensors only)
+    apply:  x ← x − lr_group · η · g
+
 The group's ``lr`` is a multiplier on η (default 1) so ``torch.optim.lr_scheduler`` schedules compose.
 """
 
@@ -17,12 +21,21 @@ from ..optimizer import FusedOptimizer, StepBatch
 class PolyakFamily(FusedOptimizer):
     requires_loss = True
 
-    def _grad_sq_total(self, batch: StepBatch) -> torch.Tensor:
+    def _stats(self, batch: StepBatch) -> torch.Tensor:
+        """The statistic the rule needs: Σg² over every active element."""
         return batch.total(batch.grad_sq)
 
-    def _apply_step(self, batch: StepBatch, eta: torch.Tensor) -> None:
+    def _rule(self, loss: torch.Tensor, grad_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The method's scalar rule: the step size ``"step_size"`` and the new scalar state, from 0-d
+        device tensors only (shared by every backend)."""
+        raise NotImplementedError
+
+    def _update(self, batch: StepBatch) -> None:
+        new = self._rule(batch.loss, self._stats(batch))
+        for name, value in new.items():
+            self._set(name, value, batch.ok)
+        eta = new["step_size"]
         R.sgd_apply_(batch.items, [eta * it.group["lr"] for it in batch.items], batch.ok)
-        self._set("step_size", eta, batch.ok)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
 

@@ -19,7 +19,6 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
-from ..optimizer import StepBatch
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
 
@@ -45,14 +44,12 @@ class AdaSPS(PolyakFamily):
         # eta_prev: the running minimum η_{t-1}; step_size: the η applied in the last step.
         return {"step_size": 0.0, "eta_prev": math.inf, "gap_sum": 0.0}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _rule(self, loss, grad_sq):
         hp = self.param_groups[0]
-        gap = (batch.loss - hp["lower_bound"]).clamp_min(0.0)
+        gap = (loss - hp["lower_bound"]).clamp_min(0.0)
         gap_sum = self.S["gap_sum"] + gap
-        grad_sq = self._grad_sq_total(batch)
         ratio = R.safe_div(gap, hp["c_p"] * grad_sq * gap_sum.sqrt(), fallback=math.inf)
         ratio = torch.where(gap > 0, ratio, torch.zeros_like(ratio))
         eta = torch.minimum(ratio, self.S["eta_prev"])
-        self._set("gap_sum", gap_sum, batch.ok)
-        self._set("eta_prev", eta, batch.ok)
-        self._apply_step(batch, torch.where(grad_sq > 0, eta, torch.zeros_like(eta)))
+        step = torch.where(grad_sq > 0, eta, torch.zeros_like(eta))  # no gradient, no step (η may be ∞)
+        return {"step_size": step, "eta_prev": eta, "gap_sum": gap_sum}

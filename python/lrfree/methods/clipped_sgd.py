@@ -48,10 +48,15 @@ class ClippedSGD(FusedOptimizer):
     def initial_scalars(self):
         return {"clip_coef": 1.0, "grad_norm": 0.0}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _rule(self, grad_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """κ = min(1, max_norm / (‖g‖ + eps)) from the global Σg² (0-d tensors only)."""
         hp = self.param_groups[0]
-        norm = batch.total(batch.grad_sq).sqrt()
-        clip = (hp["max_norm"] / (norm + hp["eps"])).clamp_max(1.0)
+        norm = grad_sq.sqrt()
+        return {"clip_coef": (hp["max_norm"] / (norm + hp["eps"])).clamp_max(1.0), "grad_norm": norm}
+
+    def _update(self, batch: StepBatch) -> None:
+        new = self._rule(batch.total(batch.grad_sq))
+        clip = new["clip_coef"]
         for it in batch.items:
             group = it.group
             x = R.up(it.p, it.p)
@@ -64,6 +69,6 @@ class ClippedSGD(FusedOptimizer):
                 R.commit_(buf, new_buf, batch.ok)
                 d = R.axpy(d, new_buf, group["momentum"]) if group["nesterov"] else new_buf
             R.commit_(it.p, R.axpy(x, d, -group["lr"]), batch.ok)
-        self._set("clip_coef", clip, batch.ok)
-        self._set("grad_norm", norm, batch.ok)
+        for name, value in new.items():
+            self._set(name, value, batch.ok)
         self.S["steps"].add_(batch.ok.to(torch.float64))

@@ -63,6 +63,26 @@ class DAdaptAdam(DAdaptBase):
         d0 = self.param_groups[0]["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "step_size": 0.0}
 
+    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
+    def _step_size(self, lr: float) -> torch.Tensor:
+        """λ_k = d_k γ bc_k."""
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        k = self.S["steps"]
+        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
+                           if hp["use_bias_correction"] else 1.0)
+        return self.S["d"] * lr * bias_correction
+
+    def _rule(self, lr: float, numerator_step: torch.Tensor, s_l1: torch.Tensor) -> dict[str, torch.Tensor]:
+        """N ← √β2 N + (1−√β2) A;  d_{k+1} = max(d_k, min(N / ((1−√β2) ‖s‖₁), d_k · growth_rate))."""
+        hp = self.param_groups[0]
+        sqrt_beta2 = hp["betas"][1] ** 0.5
+        d = self.S["d"]
+        numerator = sqrt_beta2 * self.S["numerator"] + (1 - sqrt_beta2) * numerator_step
+        d_hat = R.safe_div(numerator, (1 - sqrt_beta2) * s_l1)
+        d_next = torch.maximum(d, torch.minimum(d_hat, d * hp["growth_rate"])) if lr > 0 else d
+        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
@@ -70,10 +90,7 @@ class DAdaptAdam(DAdaptBase):
         sqrt_beta2 = beta2 ** 0.5
         decouple = hp["decouple"]
         lr = self._shared_lr()
-        k = S["steps"]
-        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
-                           if hp["use_bias_correction"] else 1.0)
-        dlr = S["d"] * lr * bias_correction
+        dlr = self._step_size(lr)
 
         numerator_parts, l1_parts = [], []
         for it in batch.items:
@@ -92,11 +109,9 @@ class DAdaptAdam(DAdaptBase):
                 s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
                 l1_parts.append(r * R.l1(s_next))
                 R.commit_(s, s_next, ok)
-        numerator = sqrt_beta2 * S["numerator"] + (1 - sqrt_beta2) * batch.total(numerator_parts)
         s_l1 = batch.total(l1_parts)
         proceed = ok & (s_l1 > 0)
-        d_hat = R.safe_div(numerator, (1 - sqrt_beta2) * s_l1)
-        d_next = torch.maximum(S["d"], torch.minimum(d_hat, S["d"] * hp["growth_rate"])) if lr > 0 else S["d"]
+        new = self._rule(lr, batch.total(numerator_parts), s_l1)
 
         for it in batch.items:
             group = it.group
@@ -106,8 +121,7 @@ class DAdaptAdam(DAdaptBase):
                 x = R.axpy(x, x, -group["weight_decay"] * dlr)
             R.commit_(it.p, x - it.state["exp_avg"] / denom, proceed)
 
-        self._set("step_size", dlr, proceed)
-        self._set("numerator", numerator, proceed)
-        self._set("d_hat", d_hat, proceed)
-        self._set("d", d_next, proceed)
+        new["step_size"] = dlr
+        for name, value in new.items():
+            self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))

@@ -60,6 +60,20 @@ class DAdaptSGD(DAdaptBase):
         d0 = self.param_groups[0]["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0}
 
+    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
+    def _step_size(self, lr: float, grad_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """λ_k = d_k γ / ‖g_0‖, fixing ‖g_0‖ at the first non-zero gradient norm."""
+        S = self.S
+        g0_norm = torch.where(S["g0_norm"] > 0, S["g0_norm"], grad_sq.sqrt())
+        return g0_norm, R.safe_div(S["d"] * lr, g0_norm)
+
+    def _rule(self, lr: float, numerator: torch.Tensor, s_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """d_{k+1} = max(d_k, min(2N/‖s‖, d_k · growth_rate))."""
+        d = self.S["d"]
+        d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
+        d_next = torch.maximum(d, torch.minimum(d_hat, d * self.param_groups[0]["growth_rate"])) if lr > 0 else d
+        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
@@ -67,11 +81,9 @@ class DAdaptSGD(DAdaptBase):
         decay, beta = hp["weight_decay"], hp["momentum"]
         adapting = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]
 
-        first_norm = batch.total(batch.grad_sq[i] for i in adapting).sqrt()
-        g0_norm = torch.where(S["g0_norm"] > 0, S["g0_norm"], first_norm)
-        dlr = R.safe_div(S["d"] * lr, g0_norm)
+        g0_norm, dlr = self._step_size(lr, batch.total(batch.grad_sq[i] for i in adapting))
 
-        numerator_parts, s_sq_parts, new_s = [], [], []
+        numerator_parts, s_sq_parts = [], []
         for i, it in enumerate(batch.items):
             g = R.up(it.g, it.p)
             if decay != 0:
@@ -82,11 +94,9 @@ class DAdaptSGD(DAdaptBase):
                 s_next = R.axpy(s, g, dlr)
                 s_sq_parts.append(R.sumsq(s_next))
                 R.commit_(s, s_next, ok)
-        numerator = S["numerator"] + batch.total(numerator_parts)
         s_sq = batch.total(s_sq_parts)
         proceed = ok & (s_sq > 0)
-        d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
-        d_next = torch.maximum(S["d"], torch.minimum(d_hat, S["d"] * hp["growth_rate"])) if lr > 0 else S["d"]
+        new = self._rule(lr, batch.total(numerator_parts, start=S["numerator"]), s_sq)
 
         averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
         for it in batch.items:
@@ -94,9 +104,7 @@ class DAdaptSGD(DAdaptBase):
             z = R.up(it.state["x0"], it.p) - it.state["s"]
             R.commit_(it.p, R.axpy(x * (1.0 - averaging), z, averaging), proceed)
 
-        self._set("step_size", dlr, proceed)
-        self._set("g0_norm", g0_norm, proceed)
-        self._set("numerator", numerator, proceed)
-        self._set("d", d_next, proceed)
-        self._set("d_hat", d_hat, proceed)
+        new.update(step_size=dlr, g0_norm=g0_norm)
+        for name, value in new.items():
+            self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))

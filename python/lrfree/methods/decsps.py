@@ -55,16 +55,18 @@ class DecSPS(PolyakFamily):
         hp = self.param_groups[0]
         return {"step_size": 0.0, "c_gamma": hp["c0"] * hp["gamma_b"]}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _stats(self, batch: StepBatch) -> torch.Tensor:
+        if self.param_groups[0]["reference_quirks"]:
+            return batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items)
+        return super()._stats(batch)
+
+    def _rule(self, loss, grad_sq):
         hp = self.param_groups[0]
         t = self.S["steps"]
         c_t = hp["c0"] * (torch.sqrt(t + 1.0) if hp["decay"] == "sqrt" else t + 1.0)
         if hp["reference_quirks"]:
-            norm_sq = batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items)
-            ratio = batch.loss / norm_sq
+            ratio = loss / grad_sq
         else:
-            ratio = R.safe_div((batch.loss - hp["lower_bound"]).clamp_min(0.0), self._grad_sq_total(batch),
-                               fallback=math.inf)
+            ratio = R.safe_div((loss - hp["lower_bound"]).clamp_min(0.0), grad_sq, fallback=math.inf)
         c_gamma = torch.minimum(ratio, self.S["c_gamma"])
-        self._set("c_gamma", c_gamma, batch.ok)
-        self._apply_step(batch, c_gamma / c_t)
+        return {"step_size": c_gamma / c_t, "c_gamma": c_gamma}

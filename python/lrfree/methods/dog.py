@@ -86,6 +86,18 @@ class DoG(FusedOptimizer):
             self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
             self._x0_norm_ready.add(seg)
 
+    def _rule(self, seg: int, group: dict, grad_sq: torch.Tensor, dist_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One segment's DoG rule, from its reduced ‖g‖² and ‖x − x0‖² (0-d tensors only)."""
+        S = self.S
+        first = S["t"][seg] == 0
+        rbar = torch.where(first, group["reps_rel"] * (1.0 + S["x0_norm"][seg]),
+                           torch.maximum(S["rbar"][seg], dist_sq.sqrt()))
+        G = torch.where(first, grad_sq + group["eps"], S["G"][seg] + grad_sq)
+        eta = R.safe_div(group["lr"] * rbar, G.sqrt())
+        if group["init_eta"] is not None:
+            eta = torch.where(first, torch.full_like(eta, group["init_eta"]), eta)
+        return {"rbar": rbar, "G": G, "eta": eta, "t": S["t"][seg] + 1}
+
     def _update(self, batch: StepBatch) -> None:
         self._anchor_all(batch)
         S, ok = self.S, batch.ok
@@ -116,21 +128,10 @@ class DoG(FusedOptimizer):
 
         etas = {}
         for seg, parts in grad_parts.items():
-            group = seg_group[seg]
-            first = S["t"][seg] == 0
-            grad_sq = batch.total(parts)
-            dist = batch.total(dist_parts.get(seg, [])).sqrt()
-            rbar = torch.where(first, group["reps_rel"] * (1.0 + S["x0_norm"][seg]),
-                               torch.maximum(S["rbar"][seg], dist))
-            G = torch.where(first, grad_sq + group["eps"], S["G"][seg] + grad_sq)
-            eta = R.safe_div(group["lr"] * rbar, G.sqrt())
-            if group["init_eta"] is not None:
-                eta = torch.where(first, torch.full_like(eta, group["init_eta"]), eta)
-            etas[seg] = eta
-            self._set("rbar", rbar, ok, seg)
-            self._set("G", G, ok, seg)
-            self._set("eta", eta, ok, seg)
-            self._set("t", S["t"][seg] + 1, ok, seg)
+            new = self._rule(seg, seg_group[seg], batch.total(parts), batch.total(dist_parts.get(seg, [])))
+            for name, value in new.items():
+                self._set(name, value, ok, seg)
+            etas[seg] = new["eta"]
         coeffs = [etas[self._segment(it.group_index, it.flat_index)] for it in batch.items]
         R.sgd_apply_(batch.items, coeffs, ok, direction=decayed)
         S["steps"].add_(ok.to(torch.float64))

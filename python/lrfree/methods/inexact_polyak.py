@@ -56,13 +56,15 @@ class InexactPolyak(PolyakFamily):
     def initial_scalars(self):
         return {"step_size": 0.0, "best_loss": math.inf}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _rule(self, loss, grad_sq):
         hp = self.param_groups[0]
-        gap = (batch.loss - hp["lower_bound"]).clamp_min(0.0)
-        eta = R.safe_div(gap, math.sqrt(hp["T"]) * self._grad_sq_total(batch))
-        if hp["best_iterate"]:
-            self._record_if_best(batch.loss, batch.ok)
-        self._apply_step(batch, eta)
+        gap = (loss - hp["lower_bound"]).clamp_min(0.0)
+        return {"step_size": R.safe_div(gap, math.sqrt(hp["T"]) * grad_sq)}
+
+    def _update(self, batch: StepBatch) -> None:
+        if self.param_groups[0]["best_iterate"]:
+            self._record_if_best(batch.loss, batch.ok)  # f(x_t) is scored before x_t moves
+        super()._update(batch)
 
     # -- best iterate ---------------------------------------------------------------------------
     def _record_if_best(self, loss: torch.Tensor, ok: torch.Tensor) -> None:

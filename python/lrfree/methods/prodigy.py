@@ -80,6 +80,30 @@ class Prodigy(DAdaptBase):
         d0 = self.param_groups[0]["d0"]
         return {"d": d0, "d_max": d0, "d_hat": d0, "numerator": 0.0, "denominator": 0.0, "step_size": 0.0}
 
+    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
+    def _step_size(self, lr: float) -> torch.Tensor:
+        """λ_k = d_k γ bc_k."""
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        k = self.S["steps"]
+        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
+                           if hp["use_bias_correction"] else 1.0)
+        return self.S["d"] * lr * bias_correction
+
+    def _rule(self, lr: float, delta: torch.Tensor, denominator: torch.Tensor) -> dict[str, torch.Tensor]:
+        """R ← β3 R + ΔR;  d̂ = d_coef R/‖s‖₁;  d jumps to d̂ only while d = d0;  d_{k+1} = min(d_max, d·growth)."""
+        hp, S = self.param_groups[0], self.S
+        beta3 = math.sqrt(hp["betas"][1]) if hp["beta3"] is None else hp["beta3"]
+        d = S["d"]
+        numerator = beta3 * S["numerator"] + delta
+        new = {"numerator": numerator, "denominator": denominator}
+        if lr > 0:
+            d_hat = R.safe_div(hp["d_coef"] * numerator, denominator)
+            d_new = torch.where(d == self.param_groups[-1]["d0"], torch.maximum(d, d_hat), d)
+            d_max = torch.maximum(S["d_max"], d_hat)
+            new.update(d_hat=d_hat, d_max=d_max, d=torch.minimum(d_max, d_new * hp["growth_rate"]))
+        return new
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
@@ -87,10 +111,8 @@ class Prodigy(DAdaptBase):
         beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
         decouple = hp["decouple"]
         lr = self._shared_lr()
-        d, k = S["d"], S["steps"]
-        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
-                           if hp["use_bias_correction"] else 1.0)
-        dlr = d * lr * bias_correction
+        d = S["d"]
+        dlr = self._step_size(lr)
 
         # pass A: statistics and moment updates
         delta_parts, l1_parts, directions = [], [], []
@@ -116,14 +138,8 @@ class Prodigy(DAdaptBase):
                 R.commit_(st["s"], s_next, ok)
         denominator = batch.total(l1_parts)
         proceed = ok & (denominator > 0)
-        numerator = beta3 * S["numerator"] + batch.total(delta_parts)
-        if lr > 0:
-            d_hat = R.safe_div(hp["d_coef"] * numerator, denominator)
-            d_new = torch.where(d == self.param_groups[-1]["d0"], torch.maximum(d, d_hat), d)
-            d_max = torch.maximum(S["d_max"], d_hat)
-            d_new = torch.minimum(d_max, d_new * hp["growth_rate"])
-        else:
-            d_hat, d_new, d_max = d, d, S["d_max"]
+        new = self._rule(lr, batch.total(delta_parts), denominator)
+        d_new = new["d"]
 
         # pass B: the update, with the new d inside ε
         for it, g in zip(batch.items, directions):
@@ -138,10 +154,7 @@ class Prodigy(DAdaptBase):
                 x_new = R.addcdiv(x, g, denom, -dlr * d_new)
             R.commit_(it.p, x_new, proceed)
 
-        self._set("step_size", dlr, proceed)
-        self._set("numerator", numerator, proceed)
-        self._set("denominator", denominator, proceed)
-        self._set("d_hat", d_hat, proceed)
-        self._set("d_max", d_max, proceed)
-        self._set("d", d_new, proceed)
+        new["step_size"] = dlr
+        for name, value in new.items():
+            self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))

@@ -79,6 +79,22 @@ class PSDASGD(DAdaptBase):
         d0 = self.param_groups[0]["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0, "scale_ratio": 1.0}
 
+    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
+    def _step_size(self, lr: float, scaled_grad_sq: torch.Tensor, alpha_sq_sum: torch.Tensor, n_elements: int):
+        """(n_0, d, λ): n_0 = ‖g/α‖ and d = d0·rms(α) are fixed at the first step with a non-zero
+        gradient; λ = d γ / n_0."""
+        S = self.S
+        started = S["g0_norm"] > 0
+        g0_norm = torch.where(started, S["g0_norm"], scaled_grad_sq.sqrt())
+        d = torch.where(started, S["d"], self.param_groups[0]["d0"] * (alpha_sq_sum / max(n_elements, 1)).sqrt())
+        return g0_norm, d, R.safe_div(d * lr, g0_norm)
+
+    def _rule(self, lr: float, d: torch.Tensor, numerator: torch.Tensor, weighted_sq: torch.Tensor):
+        """d_{t+1} = max(d_t, min(2N / ‖α ⊙ s‖, d_t · growth_rate)), N already shrunk by ρ."""
+        d_hat = R.safe_div(2.0 * numerator, weighted_sq.sqrt())
+        d_next = torch.maximum(d, torch.minimum(d_hat, d * self.param_groups[0]["growth_rate"])) if lr > 0 else d
+        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
@@ -88,14 +104,10 @@ class PSDASGD(DAdaptBase):
 
         steps = [ScaledStep(hp, it.state, R.up(it.g, it.p), t) for it in items]
         grads = [R.up(it.g, it.p) for it in items]
-        started = S["g0_norm"] > 0
-        # n_0 and rms(α_0) come from the first step with a non-zero gradient
+        # the statistics of the first step (a fused backend reduces them in an extra pass at step 0)
         scaled_grad_sq = batch.total((g * g / st.alpha_sq).to(torch.float64).sum() for g, st in zip(grads, steps))
         alpha_sq_sum = batch.total(st.alpha_sq.to(torch.float64).sum() for st in steps)
-        n_elements = sum(g.numel() for g in grads)
-        g0_norm = torch.where(started, S["g0_norm"], scaled_grad_sq.sqrt())
-        d = torch.where(started, S["d"], hp["d0"] * (alpha_sq_sum / max(n_elements, 1)).sqrt())
-        dlr = R.safe_div(d * lr, g0_norm)
+        g0_norm, d, dlr = self._step_size(lr, scaled_grad_sq, alpha_sq_sum, sum(g.numel() for g in grads))
 
         ratio = torch.ones((), dtype=torch.float64, device=batch.device)
         for st in steps:
@@ -112,11 +124,9 @@ class PSDASGD(DAdaptBase):
             weighted_sq_parts.append((s_next * s_next * st.alpha_sq).to(torch.float64).sum())
             new_s.append(s_next)
             directions.append(u)
-        numerator = batch.total(numerator_parts, start=S["numerator"] / ratio)
         weighted_sq = batch.total(weighted_sq_parts)
         proceed = ok & (weighted_sq > 0)
-        d_hat = R.safe_div(2.0 * numerator, weighted_sq.sqrt())
-        d_next = torch.maximum(d, torch.minimum(d_hat, d * hp["growth_rate"])) if lr > 0 else d
+        new = self._rule(lr, d, batch.total(numerator_parts, start=S["numerator"] / ratio), weighted_sq)
 
         momentum = hp["momentum"]
         averaging = 1.0 - momentum
@@ -131,10 +141,7 @@ class PSDASGD(DAdaptBase):
             R.commit_(it.state["s"], s_next, ok)
             R.commit_(it.p, x_next, proceed)
 
-        self._set("g0_norm", g0_norm, proceed)
-        self._set("step_size", dlr, proceed)
-        self._set("scale_ratio", ratio, proceed)
-        self._set("numerator", numerator, proceed)
-        self._set("d_hat", d_hat, proceed)
-        self._set("d", d_next, proceed)
+        new.update(g0_norm=g0_norm, step_size=dlr, scale_ratio=ratio)
+        for name, value in new.items():
+            self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))

@@ -73,6 +73,18 @@ class PSSPS(FusedOptimizer):
     def initial_scalars(self):
         return {"step_size": 0.0, "smooth_ref": math.inf, "scaled_grad_norm": 0.0}
 
+    def _rule(self, loss: torch.Tensor, scaled_sq: torch.Tensor) -> dict[str, torch.Tensor]:
+        """η = (f − f*)₊ / (c ‖g/α‖²), growth-capped; from 0-d tensors only (shared by every backend)."""
+        hp, S = self.param_groups[0], self.S
+        eta = R.safe_div((loss - hp["f_star"]).clamp_min(0.0), hp["c"] * scaled_sq)
+        if hp["smooth"]:
+            eta = torch.minimum(eta, hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"]) * S["smooth_ref"])
+        if hp["eta_max"] is not None:
+            eta = eta.clamp_max(hp["eta_max"])
+        # a zero gradient takes no step and does not reset the growth reference
+        ref = torch.where(scaled_sq > 0, eta, S["smooth_ref"])
+        return {"step_size": eta, "smooth_ref": ref, "scaled_grad_norm": scaled_sq.sqrt()}
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
@@ -80,16 +92,8 @@ class PSSPS(FusedOptimizer):
         grads = [R.up(it.g, it.p) for it in batch.items]
         steps = [ScaledStep(hp, it.state, g, t) for it, g in zip(batch.items, grads)]
         scaled_sq = batch.total((g * g / st.alpha_sq).to(torch.float64).sum() for g, st in zip(grads, steps))
-        gap = (batch.loss - hp["f_star"]).clamp_min(0.0)
-        eta = R.safe_div(gap, hp["c"] * scaled_sq)
-        if hp["smooth"]:
-            growth = hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"])
-            eta = torch.minimum(eta, growth * S["smooth_ref"])
-        if hp["eta_max"] is not None:
-            eta = eta.clamp_max(hp["eta_max"])
-        # a zero gradient takes no step and does not reset the growth reference
-        moved = scaled_sq > 0
-        self._set("smooth_ref", torch.where(moved, eta, S["smooth_ref"]), ok)
+        new = self._rule(batch.loss, scaled_sq)
+        eta = new["step_size"]
         for it, st in zip(batch.items, steps):
             x = R.up(it.p, it.p)
             u = st.direction
@@ -97,6 +101,6 @@ class PSSPS(FusedOptimizer):
                 u = R.axpy(u, x, it.group["weight_decay"])
             st.commit(ok)
             R.commit_(it.p, R.axpy(x, u, -(eta * it.group["lr"])), ok)
-        self._set("step_size", eta, ok)
-        self._set("scaled_grad_norm", scaled_sq.sqrt(), ok)
+        for name, value in new.items():
+            self._set(name, value, ok)
         S["steps"].add_(ok.to(torch.float64))

@@ -22,8 +22,6 @@ import math
 import torch
 
 from .. import validation as V
-from ..backends import torch_ref as R
-from ..optimizer import StepBatch
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
 TINY_GRAD_NORM = 1e-8
@@ -66,17 +64,16 @@ class SPS(PolyakFamily):
         # step_size: γ applied in the last step; smooth_ref: γ_{t-1} that bounds the next smooth step.
         return {"step_size": 0.0, "smooth_ref": float(self.param_groups[0]["init_step_size"])}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _rule(self, loss, grad_sq):
         hp = self.param_groups[0]
         quirks = hp["reference_quirks"]
         eta_max = math.inf if hp["eta_max"] is None else hp["eta_max"]
-        grad_sq = self._grad_sq_total(batch)
         grad_norm = grad_sq.sqrt()
         tiny = grad_norm < TINY_GRAD_NORM
         if quirks:
             grad_sq = grad_norm * grad_norm  # the reference squares the norm back: same rounding
         smooth = hp["adapt_flag"] == "smooth_iter"
-        gap = batch.loss if (smooth and quirks) else batch.loss - hp["f_star"]
+        gap = loss if (smooth and quirks) else loss - hp["f_star"]
         polyak = gap / (hp["c"] * grad_sq + hp["eps"])
         if smooth:
             growth = hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"])
@@ -86,5 +83,4 @@ class SPS(PolyakFamily):
             gamma = torch.where(gap < 0, torch.zeros_like(polyak), polyak.clamp_max(eta_max))
         gamma = torch.where(tiny, torch.zeros_like(gamma), gamma)
         new_ref = gamma if quirks else torch.where(tiny, self.S["smooth_ref"], gamma)
-        self._set("smooth_ref", new_ref, batch.ok)
-        self._apply_step(batch, gamma)
+        return {"step_size": gamma, "smooth_ref": new_ref}
