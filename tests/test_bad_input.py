@@ -82,6 +82,12 @@ def test_global_hyperparameters_must_agree_across_groups(info):
     assert len(opt.param_groups) == 1  # a rejected group is not half-added
 
 
+def test_equal_shared_hyperparameters_in_another_spelling_are_accepted():
+    opt = lrfree.PSDASGD([torch.zeros(2, requires_grad=True)])
+    opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "betas": [0.9, 0.999]})
+    assert len(opt.param_groups) == 2
+
+
 def test_wrong_types_are_type_errors():
     p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(TypeError, match="betas"):

@@ -121,8 +121,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _validate_hyperparameters(self, owner: str, index: int, group: Mapping, first: Mapping) -> None:
         V.validate_group(owner, index, group, self.hyperparameters)
+        def canonical(value):  # betas given as a list in one group and a tuple in another are the same
+            return tuple(value) if isinstance(value, list) else value
+
         for name in self.shared_hyperparameters:
-            if group[name] != first[name]:
+            if canonical(group[name]) != canonical(first[name]):
                 raise ValueError(
                     f"{owner} param_groups[{index}]: {name}={group[name]!r} differs from param_groups[0] "
                     f"({first[name]!r}); {name} is a property of the whole optimizer and must be the same "

@@ -64,15 +64,6 @@ class DAdaptAdam(DAdaptBase):
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "step_size": 0.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _step_size(self, lr: float) -> torch.Tensor:
-        """λ_k = d_k γ bc_k."""
-        hp = self.param_groups[0]
-        beta1, beta2 = hp["betas"]
-        k = self.S["steps"]
-        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
-                           if hp["use_bias_correction"] else 1.0)
-        return self.S["d"] * lr * bias_correction
-
     def _rule(self, lr: float, numerator_step: torch.Tensor, s_l1: torch.Tensor) -> dict[str, torch.Tensor]:
         """N ← √β2 N + (1−√β2) A;  d_{k+1} = max(d_k, min(N / ((1−√β2) ‖s‖₁), d_k · growth_rate))."""
         hp = self.param_groups[0]
@@ -90,7 +81,7 @@ class DAdaptAdam(DAdaptBase):
         sqrt_beta2 = beta2 ** 0.5
         decouple = hp["decouple"]
         lr = self._shared_lr()
-        dlr = self._step_size(lr)
+        dlr = self._adam_step_size(lr)
 
         numerator_parts, l1_parts = [], []
         for it in batch.items:

@@ -29,6 +29,15 @@ from ..optimizer import StepBatch
 from ._dadapt import DAdaptBase
 
 
+def distance_estimate(lr: float, d: torch.Tensor, numerator: torch.Tensor, s_sq: torch.Tensor,
+                      growth_rate: float) -> dict[str, torch.Tensor]:
+    """D-Adapt SGD's rule: d̂ = 2N/‖s‖,  d_{k+1} = max(d_k, min(d̂, d_k · growth_rate)) (d is frozen when
+    γ = 0). PS-DA-SGD runs the same rule with the α-weighted norm ‖α ⊙ s‖."""
+    d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
+    d_next = torch.maximum(d, torch.minimum(d_hat, d * growth_rate)) if lr > 0 else d
+    return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+
+
 class DAdaptSGD(DAdaptBase):
     """SGD with D-Adaptation of the step size.
 
@@ -68,11 +77,7 @@ class DAdaptSGD(DAdaptBase):
         return g0_norm, R.safe_div(S["d"] * lr, g0_norm)
 
     def _rule(self, lr: float, numerator: torch.Tensor, s_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """d_{k+1} = max(d_k, min(2N/‖s‖, d_k · growth_rate))."""
-        d = self.S["d"]
-        d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
-        d_next = torch.maximum(d, torch.minimum(d_hat, d * self.param_groups[0]["growth_rate"])) if lr > 0 else d
-        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+        return distance_estimate(lr, self.S["d"], numerator, s_sq, self.param_groups[0]["growth_rate"])
 
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok

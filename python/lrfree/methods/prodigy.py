@@ -81,15 +81,6 @@ class Prodigy(DAdaptBase):
         return {"d": d0, "d_max": d0, "d_hat": d0, "numerator": 0.0, "denominator": 0.0, "step_size": 0.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _step_size(self, lr: float) -> torch.Tensor:
-        """λ_k = d_k γ bc_k."""
-        hp = self.param_groups[0]
-        beta1, beta2 = hp["betas"]
-        k = self.S["steps"]
-        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
-                           if hp["use_bias_correction"] else 1.0)
-        return self.S["d"] * lr * bias_correction
-
     def _rule(self, lr: float, delta: torch.Tensor, denominator: torch.Tensor) -> dict[str, torch.Tensor]:
         """R ← β3 R + ΔR;  d̂ = d_coef R/‖s‖₁;  d jumps to d̂ only while d = d0;  d_{k+1} = min(d_max, d·growth)."""
         hp, S = self.param_groups[0], self.S
@@ -112,7 +103,7 @@ class Prodigy(DAdaptBase):
         decouple = hp["decouple"]
         lr = self._shared_lr()
         d = S["d"]
-        dlr = self._step_size(lr)
+        dlr = self._adam_step_size(lr)
 
         # pass A: statistics and moment updates
         delta_parts, l1_parts, directions = [], [], []

@@ -36,6 +36,7 @@ from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
 from ._dadapt import DAdaptBase
+from .dadapt_sgd import distance_estimate
 from ._scaling import ScaledStep, init_scaling_state
 
 
@@ -90,10 +91,8 @@ class PSDASGD(DAdaptBase):
         return g0_norm, d, R.safe_div(d * lr, g0_norm)
 
     def _rule(self, lr: float, d: torch.Tensor, numerator: torch.Tensor, weighted_sq: torch.Tensor):
-        """d_{t+1} = max(d_t, min(2N / ‖α ⊙ s‖, d_t · growth_rate)), N already shrunk by ρ."""
-        d_hat = R.safe_div(2.0 * numerator, weighted_sq.sqrt())
-        d_next = torch.maximum(d, torch.minimum(d_hat, d * self.param_groups[0]["growth_rate"])) if lr > 0 else d
-        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
+        """D-Adapt SGD's estimate in the scaled space: d̂ = 2N / ‖α ⊙ s‖ (N already shrunk by ρ)."""
+        return distance_estimate(lr, d, numerator, weighted_sq, self.param_groups[0]["growth_rate"])
 
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
