@@ -225,3 +225,11 @@ def test_nonfinite_step_is_skipped_and_counted(info, bad):
     for k in params:
         assert torch.equal(params[k], ref_params[k]), k
     assert float(opt.scalars()["steps"]) == float(ref.scalars()["steps"])
+
+
+def test_the_guard_can_be_turned_off():
+    p = torch.ones(3, requires_grad=True)
+    opt = lrfree.Adam([p], skip_nonfinite=False)
+    p.grad = torch.tensor([math.nan, 1.0, 1.0])
+    opt.step()
+    assert p.isnan().any() and float(opt.scalars()["skipped"]) == 0.0

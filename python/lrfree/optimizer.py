@@ -14,6 +14,7 @@ value on the host, so a step never synchronizes and can be captured in a CUDA gr
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 from collections import defaultdict
 from dataclasses import dataclass
@@ -51,10 +52,14 @@ class StepBatch:
     """What a method's update sees: the active parameters and the per-step inputs, all on device."""
 
     items: list[Item]
-    ok: torch.Tensor  # 0-d bool: False when the loss or a gradient is non-finite
     loss: torch.Tensor | None  # 0-d fp64, or None when the caller gave no loss
-    grad_sq: torch.Tensor  # (len(items),) fp64: sum of squared gradient elements per tensor
     device: torch.device
+    ok: torch.Tensor | None = None  # 0-d bool: False when the loss or a gradient is non-finite
+
+    @functools.cached_property
+    def grad_sq(self) -> torch.Tensor:
+        """(len(items),) fp64: Σg² per tensor, reduced once and only if the guard or the method needs it."""
+        return torch.stack([R.sumsq(it.g) for it in self.items])
 
     def total(self, values: Iterable[torch.Tensor], start: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` plus the 0-d partials, in fp64, left to right: deterministic, and the order in
@@ -289,14 +294,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not items:
             return loss
         self._sync_store()
-        grad_sq = torch.stack([R.sumsq(it.g) for it in items])
+        batch = StepBatch(items=items, loss=loss_t, device=self.device)
         if self.skip_nonfinite:
-            ok = torch.isfinite(grad_sq.sum())
-            if loss_t is not None:
-                ok = ok & torch.isfinite(loss_t)
+            # Σg² in fp64 is finite exactly when every gradient element is
+            ok = torch.isfinite(batch.grad_sq.sum())
+            batch.ok = ok & torch.isfinite(loss_t) if loss_t is not None else ok
         else:
-            ok = torch.ones((), dtype=torch.bool, device=self.device)
-        batch = StepBatch(items=items, ok=ok, loss=loss_t, grad_sq=grad_sq, device=self.device)
+            batch.ok = torch.ones((), dtype=torch.bool, device=self.device)
+        ok = batch.ok
         self._update(batch)
         self._scalar_store["skipped"].add_((~ok).to(torch.float64))
         return loss
