@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter; this must be set before
+    # lrfree.kernels is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests import their helpers (awkward, oracles, optimizer_db)
 

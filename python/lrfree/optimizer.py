@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import numbers
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import torch
 
 from . import validation as V
-from .backends import resolve_backend
+from .backends import resolve_backend, validate_backend
 from .backends import torch_ref as R
 
 __all__ = ["FusedOptimizer", "StepBatch", "Item"]
@@ -54,12 +55,33 @@ class StepBatch:
     items: list[Item]
     loss: torch.Tensor | None  # 0-d fp64, or None when the caller gave no loss
     device: torch.device
+    optimizer: "FusedOptimizer"
     ok: torch.Tensor | None = None  # 0-d bool: False when the loss or a gradient is non-finite
+
+    @property
+    def fused(self) -> bool:
+        return self.optimizer._backend == "triton"
 
     @functools.cached_property
     def grad_sq(self) -> torch.Tensor:
         """(len(items),) fp64: Σg² per tensor, reduced once and only if the guard or the method needs it."""
+        if self.fused:
+            from lrfree.kernels import common
+            return common.grad_sq(self)
         return torch.stack([R.sumsq(it.g) for it in self.items])
+
+    def reduce(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a vector of per-tensor fp64 partials: left to right in the reference (the order in which
+        the reference packages accumulate), in one deterministic reduction when fused."""
+        return values.sum() if self.fused else self.total(values.unbind())
+
+    def vector(self, values: Iterable[float]) -> torch.Tensor:
+        """A cached fp64 device vector of per-item coefficients (a group's lr, eps, weight decay ...)."""
+        return self.optimizer._coefficient_vector(tuple(values))
+
+    def per_item(self, key: str) -> torch.Tensor:
+        """The param-group hyperparameter ``key`` of every active tensor, as a device vector."""
+        return self.vector(float(it.group[key]) for it in self.items)
 
     def total(self, values: Iterable[torch.Tensor], start: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` plus the 0-d partials, in fp64, left to right: deterministic, and the order in
@@ -92,14 +114,16 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True):
         V.BOOL(type(self).__name__, "skip_nonfinite", skip_nonfinite)
-        self._requested_backend = resolve_backend(backend, type(self).__name__)
+        self._requested_backend = validate_backend(backend, type(self).__name__)
         self.skip_nonfinite = skip_nonfinite
+        self._vectors: dict[tuple, torch.Tensor] = {}
         self._scalar_store: dict[str, torch.Tensor] = {}
         self._scalar_domain: dict[str, str] = {}
         self._store_shape = (0, 0)  # (groups, params) the store was sized for
         self._device: torch.device | None = None
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
+        self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -218,6 +242,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         value = torch.as_tensor(value, dtype=torch.float64, device=dst.device)
         dst.copy_(torch.where(ok, value, dst))
 
+    def _set_at(self, name: str, index: torch.Tensor, values: torch.Tensor, ok: torch.Tensor) -> None:
+        """``store[name][index] = values`` (a per-group or per-tensor vector), only if the step is accepted."""
+        dst = self._scalar_store[name]
+        values = values.to(torch.float64)
+        dst.index_copy_(0, index, torch.where(ok, values, dst.index_select(0, index)))
+
     def scalars(self) -> dict[str, torch.Tensor]:
         """The method's live step scalars (``d``, step size, skip counter, ...) as device tensors.
 
@@ -294,7 +324,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not items:
             return loss
         self._sync_store()
-        batch = StepBatch(items=items, loss=loss_t, device=self.device)
+        batch = StepBatch(items=items, loss=loss_t, device=self.device, optimizer=self)
         if self.skip_nonfinite:
             # Σg² in fp64 is finite exactly when every gradient element is
             ok = torch.isfinite(batch.grad_sq.sum())
@@ -410,4 +440,27 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def backend(self) -> str:
-        return self._requested_backend
+        """The backend that runs the steps: ``"torch"`` or ``"triton"`` (``"auto"`` resolved)."""
+        return self._backend
+
+    # ------------------------------------------------------------------ passes and their backends
+    #: the module of ``lrfree.kernels`` with this method's fused passes
+    kernels: ClassVar[str | None] = None
+
+    def _pass(self, name: str) -> Callable:
+        """The implementation of pass ``name`` for the active backend: the fused kernel
+        ``lrfree.kernels.<kernels>.<name>(optimizer, ...)``, or the torch reference ``self._ref_<name>``."""
+        if self._backend == "triton":
+            module = importlib.import_module(f"lrfree.kernels.{self.kernels}")
+            return functools.partial(getattr(module, name), self)
+        return getattr(self, "_ref_" + name)
+
+    def _coefficient_vector(self, values: tuple) -> torch.Tensor:
+        vec = self._vectors.get(values)
+        if vec is None:
+            if len(self._vectors) > 256:
+                self._vectors.clear()
+            host = torch.tensor(values, dtype=torch.float64)
+            vec = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+            self._vectors[values] = vec
+        return vec

@@ -78,11 +78,14 @@ def safe_div(num: torch.Tensor, den: torch.Tensor, fallback: float | torch.Tenso
                        torch.as_tensor(fallback, dtype=num.dtype, device=num.device))
 
 
-def sgd_apply_(items, coeffs, ok: torch.Tensor, direction=None) -> None:
-    """``x <- x - coeff_i * d_i`` for every active tensor, committed only if ``ok``.
-
-    ``coeffs`` is one 0-d tensor per item; ``direction`` defaults to the gradient.
-    """
-    for i, (it, c) in enumerate(zip(items, coeffs)):
-        d = it.g if direction is None else direction[i]
-        commit_(it.p, axpy(up(it.p, it.p), up(d, it.p), -c), ok)
+def sgd_apply_(batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
+               copy_best: torch.Tensor | None = None) -> None:
+    """``x ← x − coef_i (g_i + decay_i x_i)`` for every active tensor, committed only if the step is
+    accepted; with ``copy_best``, ``state['best'] ← x`` first where that flag is set. The reference of
+    ``lrfree.kernels.sgd.sgd_apply``."""
+    for i, it in enumerate(batch.items):
+        x = up(it.p, it.p)
+        if copy_best is not None:
+            commit_(it.state["best"], it.p, copy_best)
+        d = up(it.g, it.p) if decay is None else axpy(up(it.g, it.p), x, decay[i])
+        commit_(it.p, axpy(x, d, -coef[i]), batch.ok)

@@ -20,10 +20,11 @@ from ..optimizer import FusedOptimizer, StepBatch
 
 class PolyakFamily(FusedOptimizer):
     requires_loss = True
+    kernels = "sgd"
 
     def _stats(self, batch: StepBatch) -> torch.Tensor:
         """The statistic the rule needs: Σg² over every active element."""
-        return batch.total(batch.grad_sq)
+        return batch.reduce(batch.grad_sq)
 
     def _rule(self, loss: torch.Tensor, grad_sq: torch.Tensor) -> dict[str, torch.Tensor]:
         """The method's scalar rule: the step size ``"step_size"`` and the new scalar state, from 0-d
@@ -34,9 +35,14 @@ class PolyakFamily(FusedOptimizer):
         new = self._rule(batch.loss, self._stats(batch))
         for name, value in new.items():
             self._set(name, value, batch.ok)
-        eta = new["step_size"]
-        R.sgd_apply_(batch.items, [eta * it.group["lr"] for it in batch.items], batch.ok)
+        self._apply(batch, new["step_size"] * batch.per_item("lr"))
         self.S["steps"].add_(batch.ok.to(torch.float64))
+
+    def _apply(self, batch: StepBatch, coef: torch.Tensor) -> None:
+        self._pass("sgd_apply")(batch, coef)
+
+    def _ref_sgd_apply(self, batch, coef, decay=None, copy_best=None) -> None:
+        R.sgd_apply_(batch, coef, decay, copy_best)
 
 
 LR_MULTIPLIER = {"lr": V.NONNEG}

@@ -34,6 +34,7 @@ class ClippedSGD(FusedOptimizer):
     hyperparameters = {"lr": V.NONNEG, "max_norm": V.POSITIVE_OR_INF, "momentum": V.UNIT_INTERVAL,
                        "weight_decay": V.NONNEG, "nesterov": V.BOOL, "eps": V.NONNEG}
     shared_hyperparameters = ("max_norm", "eps")
+    kernels = "clipped_sgd"
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True):
@@ -55,8 +56,13 @@ class ClippedSGD(FusedOptimizer):
         return {"clip_coef": (hp["max_norm"] / (norm + hp["eps"])).clamp_max(1.0), "grad_norm": norm}
 
     def _update(self, batch: StepBatch) -> None:
-        new = self._rule(batch.total(batch.grad_sq))
-        clip = new["clip_coef"]
+        new = self._rule(batch.reduce(batch.grad_sq))
+        self._pass("clipped_apply")(batch, new["clip_coef"])
+        for name, value in new.items():
+            self._set(name, value, batch.ok)
+        self.S["steps"].add_(batch.ok.to(torch.float64))
+
+    def _ref_clipped_apply(self, batch: StepBatch, clip: torch.Tensor) -> None:
         for it in batch.items:
             group = it.group
             x = R.up(it.p, it.p)
@@ -69,6 +75,3 @@ class ClippedSGD(FusedOptimizer):
                 R.commit_(buf, new_buf, batch.ok)
                 d = R.axpy(d, new_buf, group["momentum"]) if group["nesterov"] else new_buf
             R.commit_(it.p, R.axpy(x, d, -group["lr"]), batch.ok)
-        for name, value in new.items():
-            self._set(name, value, batch.ok)
-        self.S["steps"].add_(batch.ok.to(torch.float64))

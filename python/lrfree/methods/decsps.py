@@ -57,6 +57,7 @@ class DecSPS(PolyakFamily):
 
     def _stats(self, batch: StepBatch) -> torch.Tensor:
         if self.param_groups[0]["reference_quirks"]:
+            # reproducing the reference is a testing aid: its statistic runs in plain torch on any backend
             return batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items)
         return super()._stats(batch)
 

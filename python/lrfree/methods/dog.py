@@ -10,13 +10,17 @@ param group, LDoG one per tensor; for each such segment::
 where g already includes coupled weight decay λx. ``lr`` (the paper's c) should stay 1; DoG is meant
 to be used with polynomial iterate averaging (the official ``PolynomialDecayAverager``).
 
-Differences from the reference, all where it would crash or sync: tensors whose gradient is None are
-skipped (the reference raises); they still count in ‖x_0‖ and ‖x_t − x_0‖ of their group, exactly as
-the reference does with a zero gradient. The weight decay is not written back into ``p.grad``. Each
-segment counts its own t, so groups added with ``add_param_group`` later start their own schedule.
+Pipeline: a stats pass reduces ‖g + λx‖² and ‖x − x_0‖² per tensor, the rule runs on the vector of
+segments, and the SGD apply pass uses each tensor's segment step. Differences from the reference, all
+where it would crash or sync: tensors whose gradient is None are skipped (the reference raises); they
+still count in ‖x_0‖ and ‖x_t − x_0‖ of their group, exactly as the reference does with a zero
+gradient. The weight decay is not written back into ``p.grad``. Each segment counts its own t, so
+groups added with ``add_param_group`` later start their own schedule.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -39,6 +43,7 @@ class DoG(FusedOptimizer):
 
     hyperparameters = {"reps_rel": V.NONNEG, "lr": V.POSITIVE, "weight_decay": V.NONNEG, "eps": V.NONNEG,
                        "init_eta": V.optional(V.POSITIVE)}
+    kernels = "dog"
     per_tensor = False
 
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
@@ -68,16 +73,16 @@ class DoG(FusedOptimizer):
         super().load_state_dict(state_dict)
         self._x0_norm_ready = set()
 
-    def _segment(self, group_index: int, flat_index: int) -> int:
-        return flat_index if self.per_tensor else group_index
+    def _segment(self, it) -> int:
+        return it.flat_index if self.per_tensor else it.group_index
 
     def _anchor_all(self, batch: StepBatch) -> None:
-        """Store x_0 for every parameter of a segment the first time the segment steps, and ‖x_0‖.
+        """‖x_0‖ of every segment the first time it steps (host-known; not a per-step cost).
 
-        Parameters of the segment without a gradient have not moved, so their x_0 is their value now.
+        Parameters of a segment without a gradient yet have not moved, so their x_0 is their value now.
         """
         for it in batch.items:
-            seg = self._segment(it.group_index, it.flat_index)
+            seg = self._segment(it)
             if seg in self._x0_norm_ready:
                 continue
             members = [it.p] if self.per_tensor else it.group["params"]
@@ -86,55 +91,75 @@ class DoG(FusedOptimizer):
             self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
             self._x0_norm_ready.add(seg)
 
-    def _rule(self, seg: int, group: dict, grad_sq: torch.Tensor, dist_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One segment's DoG rule, from its reduced ‖g‖² and ‖x − x0‖² (0-d tensors only)."""
-        S = self.S
-        first = S["t"][seg] == 0
-        rbar = torch.where(first, group["reps_rel"] * (1.0 + S["x0_norm"][seg]),
-                           torch.maximum(S["rbar"][seg], dist_sq.sqrt()))
-        G = torch.where(first, grad_sq + group["eps"], S["G"][seg] + grad_sq)
-        eta = R.safe_div(group["lr"] * rbar, G.sqrt())
-        if group["init_eta"] is not None:
-            eta = torch.where(first, torch.full_like(eta, group["init_eta"]), eta)
-        return {"rbar": rbar, "G": G, "eta": eta, "t": S["t"][seg] + 1}
-
     def _update(self, batch: StepBatch) -> None:
         self._anchor_all(batch)
-        S, ok = self.S, batch.ok
-        # Per segment: ‖g + λx‖² and ‖x − x0‖² over the segment (the distance includes parameters of the
-        # segment that have no gradient this step but moved earlier).
-        grad_parts: dict[int, list] = {}
-        dist_parts: dict[int, list] = {}
-        seg_group: dict[int, dict] = {}
-        decayed = []
+        ok = batch.ok
+        decay = batch.per_item("weight_decay") if any(it.group["weight_decay"] for it in batch.items) else None
+        stats = self._pass("dog_stats")(batch, decay)  # (items, 2): ‖g + λx‖², ‖x − x0‖²
+        # segments of the step, in item order (items come group by group, so a segment is contiguous)
+        segments, bounds = [], []
         for i, it in enumerate(batch.items):
-            seg = self._segment(it.group_index, it.flat_index)
-            seg_group[seg] = it.group
-            wd = it.group["weight_decay"]
-            if wd != 0:
-                g = R.axpy(R.up(it.g, it.p), R.up(it.p, it.p), wd)
-                grad_parts.setdefault(seg, []).append(R.sumsq(g))
-            else:
-                g = it.g
-                grad_parts.setdefault(seg, []).append(batch.grad_sq[i])
-            decayed.append(g)
-        flat = 0
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                seg = self._segment(gi, flat)
-                if seg in grad_parts and "x0" in self.state.get(p, {}):
-                    dist_parts.setdefault(seg, []).append(R.sumsq(R.up(p, p) - R.up(self.state[p]["x0"], p)))
-                flat += 1
+            seg = self._segment(it)
+            if not segments or segments[-1] != seg:
+                segments.append(seg)
+                bounds.append(i)
+        bounds.append(len(batch.items))
+        if len(segments) == len(batch.items):
+            grad_sq, dist_sq = stats[:, 0], stats[:, 1]
+        else:
+            grad_sq = torch.stack([batch.reduce(stats[a:b, 0]) for a, b in zip(bounds, bounds[1:])])
+            dist_sq = torch.stack([batch.reduce(stats[a:b, 1]) for a, b in zip(bounds, bounds[1:])])
+        dist_sq = dist_sq + self._resting_distances(batch, segments)
+        seg_index = batch.vector(float(s) for s in segments).long()
+        groups = [batch.items[a].group for a in bounds[:-1]]
+        new = self._rule(seg_index, groups, grad_sq, dist_sq, batch)
+        for name, value in new.items():
+            self._set_at(name, seg_index, value, ok)
+        item_segment = batch.vector(float(k) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
+                                    for _ in range(a, b)).long()
+        self._pass("sgd_apply")(batch, new["eta"].index_select(0, item_segment), decay)
+        self.S["steps"].add_(ok.to(torch.float64))
 
-        etas = {}
-        for seg, parts in grad_parts.items():
-            new = self._rule(seg, seg_group[seg], batch.total(parts), batch.total(dist_parts.get(seg, [])))
-            for name, value in new.items():
-                self._set(name, value, ok, seg)
-            etas[seg] = new["eta"]
-        coeffs = [etas[self._segment(it.group_index, it.flat_index)] for it in batch.items]
-        R.sgd_apply_(batch.items, coeffs, ok, direction=decayed)
-        S["steps"].add_(ok.to(torch.float64))
+    def _resting_distances(self, batch: StepBatch, segments: list[int]) -> torch.Tensor:
+        """‖x − x0‖² of parameters that moved earlier but have no gradient now (rare: plain torch)."""
+        if self.per_tensor:
+            return torch.zeros((), dtype=torch.float64, device=batch.device)
+        active = {id(it.p) for it in batch.items}
+        extra = []
+        for seg in segments:
+            resting = [p for p in self.param_groups[seg]["params"]
+                       if id(p) not in active and "x0" in self.state.get(p, {})]
+            extra.append(batch.total(R.sumsq(R.up(p, p) - R.up(self.state[p]["x0"], p)) for p in resting))
+        return torch.stack(extra)
+
+    # -- the scalar rule (vectors over the step's segments; shared by every backend) -------------
+    def _rule(self, seg: torch.Tensor, groups: list[dict], grad_sq: torch.Tensor, dist_sq: torch.Tensor,
+              batch: StepBatch) -> dict[str, torch.Tensor]:
+        S = self.S
+        t = S["t"].index_select(0, seg)
+        first = t == 0
+        reps = batch.vector(g["reps_rel"] for g in groups)
+        eps = batch.vector(g["eps"] for g in groups)
+        lr = batch.vector(g["lr"] for g in groups)
+        init_eta = batch.vector(math.nan if g["init_eta"] is None else g["init_eta"] for g in groups)
+        rbar = torch.where(first, reps * (1.0 + S["x0_norm"].index_select(0, seg)),
+                           torch.maximum(S["rbar"].index_select(0, seg), dist_sq.sqrt()))
+        G = torch.where(first, grad_sq + eps, S["G"].index_select(0, seg) + grad_sq)
+        eta = R.safe_div(lr * rbar, G.sqrt())
+        eta = torch.where(first & ~init_eta.isnan(), init_eta, eta)
+        return {"rbar": rbar, "G": G, "eta": eta, "t": t + 1}
+
+    # -- torch reference passes --------------------------------------------------------------------
+    def _ref_dog_stats(self, batch: StepBatch, decay: torch.Tensor | None) -> torch.Tensor:
+        rows = []
+        for i, it in enumerate(batch.items):
+            x = R.up(it.p, it.p)
+            grad_sq = batch.grad_sq[i] if decay is None else R.sumsq(R.axpy(R.up(it.g, it.p), x, decay[i]))
+            rows.append(torch.stack([grad_sq, R.sumsq(x - R.up(it.state["x0"], it.p))]))
+        return torch.stack(rows)
+
+    def _ref_sgd_apply(self, batch, coef, decay=None) -> None:
+        R.sgd_apply_(batch, coef, decay)
 
 
 class LDoG(DoG):

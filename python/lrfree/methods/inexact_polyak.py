@@ -61,16 +61,20 @@ class InexactPolyak(PolyakFamily):
         gap = (loss - hp["lower_bound"]).clamp_min(0.0)
         return {"step_size": R.safe_div(gap, math.sqrt(hp["T"]) * grad_sq)}
 
-    def _update(self, batch: StepBatch) -> None:
-        if self.param_groups[0]["best_iterate"]:
-            self._record_if_best(batch.loss, batch.ok)  # f(x_t) is scored before x_t moves
-        super()._update(batch)
+    def _apply(self, batch: StepBatch, coef: torch.Tensor) -> None:
+        if not self.param_groups[0]["best_iterate"]:
+            return super()._apply(batch, coef)
+        # f(x_t) is scored before x_t moves: an improving step copies x_t into the best iterate in the
+        # same pass that updates it
+        improved = batch.ok & (batch.loss <= self.S["best_loss"])
+        self._pass("sgd_apply")(batch, coef, copy_best=improved)
+        self._record_if_best(batch.loss, improved, skip={id(it.p) for it in batch.items})
 
     # -- best iterate ---------------------------------------------------------------------------
-    def _record_if_best(self, loss: torch.Tensor, ok: torch.Tensor) -> None:
-        improved = ok & (loss <= self.S["best_loss"])
+    def _record_if_best(self, loss: torch.Tensor, improved: torch.Tensor, skip=frozenset()) -> None:
+        """``best ← x`` (where ``improved``) for every parameter with a best copy not in ``skip``."""
         for p, state in self.state.items():
-            if "best" in state:
+            if "best" in state and id(p) not in skip:
                 R.commit_(state["best"], p, improved)
         self._set("best_loss", loss, improved)
 
@@ -82,7 +86,7 @@ class InexactPolyak(PolyakFamily):
         loss_t = self._loss_tensor(loss)
         self._gather()  # creates the best-iterate copies for parameters not seen yet
         self._sync_store()
-        self._record_if_best(loss_t, torch.isfinite(loss_t))
+        self._record_if_best(loss_t, torch.isfinite(loss_t) & (loss_t <= self.S["best_loss"]))
 
     @torch.no_grad()
     def load_best(self) -> None:

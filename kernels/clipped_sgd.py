@@ -1,0 +1,50 @@
+"""Clipped SGD apply pass: d = κ g + λ x;  b ← μ b + d (and d ← d + μ b with Nesterov, else d ← b);
+x ← x − lr d. The clip coefficient κ is a device scalar; lr, λ, μ and Nesterov are per tensor (param
+groups). Tensors with and without a momentum buffer launch separately. Bytes: R 8 (+4), W 4 (+4)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dtype_groups, launch, ok_flag
+
+
+@triton.jit
+def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_start, clip, lr, decay, momentum,
+                          nesterov, ok, X: tl.constexpr, ACC: tl.constexpr, HAS_BUF: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    if tl.load(ok) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    d = g * tl.load(clip).to(ACC) + tl.load(decay + t).to(ACC) * x
+    if HAS_BUF:
+        buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(ACC))
+        mu = tl.load(momentum + t).to(ACC)
+        buf = mu * tl.load(buf_ptr + offs, mask=mask) + d
+        tl.store(buf_ptr + offs, buf, mask=mask)
+        d = tl.where(tl.load(nesterov + t) != 0, d + mu * buf, buf)
+    tl.store(x_ptr + offs, (x - tl.load(lr + t).to(ACC) * d).to(X), mask=mask)
+
+
+def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
+    lr, decay = batch.per_item("lr"), batch.per_item("weight_decay")
+    momentum = batch.per_item("momentum")
+    nesterov = batch.vector(float(it.group["nesterov"]) for it in batch.items)
+
+    def slots(it, has_buf):
+        return (it.p, it.g, it.state["momentum_buffer"]) if has_buf else (it.p, it.g)
+
+    for group in dtype_groups(batch, slots, key=lambda it: it.group["momentum"] > 0):
+        geo = group.geo
+        launch(_clipped_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1),
+               geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, clip,
+               group.take(lr), group.take(decay), group.take(momentum), group.take(nesterov), ok_flag(batch),
+               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, BLOCK=geo.block)

@@ -1,0 +1,125 @@
+"""What every fused method uses: launching over dtype groups, and the Σg² pass (the non-finite guard,
+and the statistic of the Polyak family, DoG and D-Adapt SGD).
+
+A step's tensors are split by parameter dtype (each dtype is a compile-time specialization); a model
+with one parameter dtype — the usual case — gets exactly one launch per pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .multi_tensor import TL_DTYPE, Geometry, geometry, launch, per_tensor
+
+F64 = torch.float64
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Element math and block partials: fp64 for fp64 storage, fp32 otherwise."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return F64 if dtype == torch.float64 else torch.float32
+
+
+class DtypeGroup:
+    """The active tensors of one parameter dtype: their positions in the step and their geometry."""
+
+    def __init__(self, batch, index: list[int], slots: Callable[[object], Sequence[torch.Tensor]]):
+        self.batch = batch
+        self.index = index
+        items = [batch.items[i] for i in index]
+        self.items = items
+        self.dtype = items[0].p.dtype
+        columns = [slots(it) for it in items]
+        self.geo: Geometry = geometry([[c[s] for c in columns] for s in range(len(columns[0]))])
+        self.whole = len(index) == len(batch.items)
+        self._index_tensor = None
+
+    @property
+    def tl_dtype(self):
+        return TL_DTYPE[self.dtype]
+
+    @property
+    def acc(self):
+        return acc_dtype(self.dtype)
+
+    def take(self, vector: torch.Tensor) -> torch.Tensor:
+        """The entries of a per-item vector that belong to this group."""
+        if self.whole:
+            return vector
+        if self._index_tensor is None:
+            self._index_tensor = torch.tensor(self.index, dtype=torch.long).to(self.batch.device)
+        return vector.index_select(0, self._index_tensor)
+
+    def partials(self, k: int) -> torch.Tensor:
+        return torch.empty((self.geo.n_blocks, k), dtype=torch_acc_dtype(self.dtype), device=self.batch.device)
+
+
+def dtype_groups(batch, slots: Callable[[object], Sequence[torch.Tensor]], key: Callable | None = None,
+                 only: Callable | None = None) -> list[DtypeGroup]:
+    """Split the step's items by parameter dtype (and ``key(item)``, a compile-time variant such as
+    "has a momentum buffer"), keeping those with ``only(item)``; ``slots(item)`` lists the tensors a
+    kernel streams. Each group carries ``variant``, its ``key`` value."""
+    order: dict[tuple, list[int]] = {}
+    for i, it in enumerate(batch.items):
+        if only is None or only(it):
+            order.setdefault((it.p.dtype, key(it) if key else None), []).append(i)
+    groups = []
+    for (_, variant), index in order.items():
+        group = DtypeGroup(batch, index, lambda it, v=variant: slots(it) if key is None else slots(it, v))
+        group.variant = variant
+        groups.append(group)
+    return groups
+
+
+def assemble(batch, parts: list[tuple[DtypeGroup, torch.Tensor]]) -> torch.Tensor:
+    """(items, K) per-tensor results from the per-dtype-group ones, in item order."""
+    if len(parts) == 1:
+        return parts[0][1]
+    k = parts[0][1].shape[1]
+    out = torch.empty((len(batch.items), k), dtype=F64, device=batch.device)
+    for group, values in parts:
+        out[group.index] = values
+    return out
+
+
+def reduce_partials(group: DtypeGroup, partials: torch.Tensor, max_columns: Sequence[int] = ()) -> torch.Tensor:
+    return per_tensor(partials, group.geo, max_columns)
+
+
+def ok_flag(batch) -> torch.Tensor:
+    """The step's accept flag as an int32 the kernels can load (cached for the step)."""
+    flag = getattr(batch, "_ok_i32", None)
+    if flag is None:
+        flag = batch.ok.to(torch.int32)
+        batch._ok_i32 = flag
+    return flag
+
+
+@triton.jit
+def _sumsq_kernel(g_ptrs, numels, block_tensor, block_start, partials,
+                  G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(G)) + offs, mask=mask, other=0.0).to(ACC)
+    tl.store(partials + pid, tl.sum(g * g, axis=0))
+
+
+def grad_sq(batch) -> torch.Tensor:
+    """(items,) fp64 Σg² per tensor."""
+    parts = []
+    for group in dtype_groups(batch, lambda it: (it.g,)):
+        geo = group.geo
+        partials = group.partials(1)
+        launch(_sumsq_kernel, (geo.n_blocks,), geo.slot(0), geo.numels, geo.block_tensor, geo.block_start,
+               partials, G=group.tl_dtype, ACC=group.acc, BLOCK=geo.block)
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts)[:, 0]

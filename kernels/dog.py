@@ -1,0 +1,40 @@
+"""DoG / LDoG statistics pass: per tensor ‖g + λx‖² and ‖x − x0‖² (R 12: x, g, x0). The apply pass is
+the shared SGD one."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import assemble, dtype_groups, launch, reduce_partials
+from .sgd import sgd_apply  # noqa: F401  (DoG's apply pass)
+
+
+@triton.jit
+def _dog_stats_kernel(x_ptrs, g_ptrs, x0_ptrs, numels, block_tensor, block_start, decay, partials,
+                      X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    if HAS_DECAY:
+        g = g + tl.load(decay + t).to(ACC) * x
+    dx = x - x0
+    tl.store(partials + 2 * pid, tl.sum(g * g, axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum(dx * dx, axis=0))
+
+
+def dog_stats(opt, batch, decay: torch.Tensor | None) -> torch.Tensor:
+    parts = []
+    for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state["x0"])):
+        geo = group.geo
+        partials = group.partials(2)
+        launch(_dog_stats_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.numels,
+               geo.block_tensor, geo.block_start, group.take(decay) if decay is not None else partials, partials,
+               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, BLOCK=geo.block)
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts)
