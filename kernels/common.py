@@ -39,7 +39,6 @@ class DtypeGroup:
         columns = [slots(it) for it in items]
         self.geo: Geometry = geometry([[c[s] for c in columns] for s in range(len(columns[0]))])
         self.whole = len(index) == len(batch.items)
-        self._index_tensor = None
 
     @property
     def tl_dtype(self):
@@ -49,16 +48,16 @@ class DtypeGroup:
     def acc(self):
         return acc_dtype(self.dtype)
 
+    def _indices(self) -> torch.Tensor:
+        """The group's positions among the step's items, as a cached device index."""
+        return self.batch.index(self.index)
+
     def take(self, vector: torch.Tensor) -> torch.Tensor:
         """The entries of a per-item vector that belong to this group."""
-        if self.whole:
-            return vector
-        if self._index_tensor is None:
-            self._index_tensor = torch.tensor(self.index, dtype=torch.long).to(self.batch.device)
-        return vector.index_select(0, self._index_tensor)
+        return vector if self.whole else vector.index_select(0, self._indices())
 
     def partials(self, k: int) -> torch.Tensor:
-        return torch.empty((self.geo.n_blocks, k), dtype=torch_acc_dtype(self.dtype), device=self.batch.device)
+        return self.geo.partials(k, torch_acc_dtype(self.dtype))
 
 
 def dtype_groups(batch, slots: Callable[[object], Sequence[torch.Tensor]], key: Callable | None = None,
@@ -80,12 +79,12 @@ def dtype_groups(batch, slots: Callable[[object], Sequence[torch.Tensor]], key: 
 
 def assemble(batch, parts: list[tuple[DtypeGroup, torch.Tensor]]) -> torch.Tensor:
     """(items, K) per-tensor results from the per-dtype-group ones, in item order."""
-    if len(parts) == 1:
+    if len(parts) == 1 and parts[0][0].whole:
         return parts[0][1]
     k = parts[0][1].shape[1]
-    out = torch.empty((len(batch.items), k), dtype=F64, device=batch.device)
+    out = torch.zeros((len(batch.items), k), dtype=F64, device=batch.device)
     for group, values in parts:
-        out[group.index] = values
+        out.index_copy_(0, group._indices(), values)
     return out
 
 

@@ -14,7 +14,7 @@ so the same step run twice is bit-identical.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,7 +40,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     kernel[grid](*args, **kwargs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Geometry:
     pointers: torch.Tensor  # int64 (slots, tensors)
     numels: torch.Tensor  # int64 (tensors,)
@@ -50,9 +50,20 @@ class Geometry:
     n_blocks: int
     n_tensors: int
     block: int
+    _buffers: dict = field(default_factory=dict)
 
     def slot(self, i: int) -> torch.Tensor:
         return self.pointers[i]
+
+    def partials(self, k: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (blocks, k) buffer for block partials, allocated once per geometry: a pass's partials are
+        reduced (stream-ordered) before the next pass can reuse it, so a step allocates nothing that
+        grows with the number of parameters."""
+        buf = self._buffers.get((k, dtype))
+        if buf is None:
+            buf = self._buffers[(k, dtype)] = torch.empty((self.n_blocks, k), dtype=dtype,
+                                                          device=self.numels.device)
+        return buf
 
 
 _geometries: "OrderedDict[tuple, Geometry]" = OrderedDict()
@@ -80,7 +91,9 @@ def check_layouts(slots: Sequence[Sequence[torch.Tensor]]) -> None:
     for j, lead in enumerate(slots[0]):
         for slot in slots:
             t = slot[j]
-            if not dense(t) or (t.numel() == lead.numel() and t.stride() != lead.stride()):
+            same_order = (t.is_contiguous() and lead.is_contiguous()) or (
+                t.shape == lead.shape and t.stride() == lead.stride())
+            if not dense(t) or (t.numel() == lead.numel() and not same_order):
                 raise ValueError(
                     f"the fused kernels need every tensor of a parameter (the parameter, its gradient and its "
                     f"state) to be dense with one memory layout; got strides {t.stride()} for shape "

@@ -26,11 +26,34 @@ FUSED = {
     "ClippedSGD": lambda g, **kw: lrfree.ClippedSGD(g, lr=0.1, max_norm=0.5, **kw),
     "DoG": lambda g, **kw: lrfree.DoG(g, **kw),
     "LDoG": lambda g, **kw: lrfree.LDoG(g, **kw),
+    "DAdaptSGD": lambda g, **kw: lrfree.DAdaptSGD(g, momentum=0.9, weight_decay=1e-3, **kw),
+    "DAdaptAdam": lambda g, **kw: lrfree.DAdaptAdam(g, **kw),
+    "DAdaptAdam-decoupled": lambda g, **kw: lrfree.DAdaptAdam(g, decouple=True, use_bias_correction=True, **kw),
+    "Prodigy": lambda g, **kw: lrfree.Prodigy(g, **kw),
+    "Prodigy-sliced-coupled-nobeta1": lambda g, **kw: lrfree.Prodigy(g, betas=(0.0, 0.99), decouple=False,
+                                                                     safeguard_warmup=True, slice_p=3, **kw),
+    "COCOB": lambda g, **kw: lrfree.COCOB(g, **kw),
+    "Adam": lambda g, **kw: lrfree.Adam(g, lr=1e-2, amsgrad=True, **kw),
+    "AdamW": lambda g, **kw: lrfree.AdamW(g, lr=1e-2, **kw),
+    "PSDASGD": lambda g, **kw: lrfree.PSDASGD(g, **kw),
+    "PSDASGD-averaging-amsgrad": lambda g, **kw: lrfree.PSDASGD(g, momentum=0.9, betas=(0.0, 0.99), amsgrad=True,
+                                                                growth_rate=1.05, **kw),
+    "PSDASGD-unscaled": lambda g, **kw: lrfree.PSDASGD(g, scaling="none", **kw),
+    "PSSPS": lambda g, **kw: lrfree.PSSPS(g, n_batches_per_epoch=5, **kw),
+    "PSSPS-momentum-amsgrad": lambda g, **kw: lrfree.PSSPS(g, betas=(0.9, 0.99), amsgrad=True, smooth=False,
+                                                           f_star=0.2, **kw),
 }
 GROUP1 = {  # per-group options that exercise per-tensor coefficient vectors
     "ClippedSGD": {"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True},
     "DoG": {"weight_decay": 1e-2},
     "LDoG": {"weight_decay": 1e-2},
+    "DAdaptAdam": {"weight_decay": 1e-2, "layer_scale": 0.5, "eps": 1e-6},
+    "Prodigy": {"weight_decay": 1e-2, "d0": 1e-5, "eps": 1e-6},
+    "COCOB": {"weight_decay": 1e-2},
+    "Adam": {"weight_decay": 1e-2, "betas": (0.8, 0.99), "maximize": True, "amsgrad": False},
+    "AdamW": {"weight_decay": 0.1, "lr": 3e-2},
+    "PSDASGD": {"weight_decay": 1e-2},
+    "PSSPS": {"weight_decay": 1e-2, "lr": 0.5},
 }
 FLOOR = {torch.float32: 4e-7, torch.bfloat16: 8e-3, torch.float64: 0.0}
 STEPS = 4
@@ -112,19 +135,56 @@ def test_fused_runs_are_bit_identical_and_skip_nonfinite_steps(name):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_launches_do_not_grow_with_the_number_of_tensors():
+def test_every_optimizer_has_a_fused_path():
+    from optimizer_db import OPTIMIZERS
+    covered = {name.split("-")[0] for name in FUSED}
+    assert {info.name for info in OPTIMIZERS} <= covered
+
+
+@pytest.mark.parametrize("name", ["InexactPolyak", "DoG", "LDoG", "DAdaptAdam", "Prodigy", "PSDASGD", "Adam"])
+def test_launches_do_not_grow_with_the_number_of_tensors(name):
     from lrfree.kernels import multi_tensor
 
     def launches(n_tensors):
         params = [torch.randn(37 + i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
-        opt = lrfree.DoG(params, backend="triton")
+        opt = FUSED[name]([{"params": params}], backend="triton")
         counts = []
         for _ in range(2):
             opt.zero_grad()
-            sum((p * p).sum() for p in params).backward()
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
             before = multi_tensor.launch_count
-            opt.step()
+            opt.step(loss=loss)
             counts.append(multi_tensor.launch_count - before)
         return counts[-1]
 
     assert launches(3) == launches(24) <= 8
+
+
+@pytest.mark.parametrize("name", ["DAdaptAdam", "Prodigy", "PSDASGD", "LDoG", "Adam", "COCOB"])
+def test_mixed_dtypes_and_a_frozen_group(name):
+    """fp32 and bf16 parameters in one optimizer (one launch each, results reassembled in order) and a
+    group with lr = 0: the fused step matches the reference step from the same parameters."""
+    def build(backend):
+        g = torch.Generator().manual_seed(3)
+        full = [(torch.randn(n, generator=g) * 0.3).to(DEVICE).requires_grad_() for n in (700, 3, 2100)]
+        half = [(torch.randn(n, generator=g) * 0.3).to(DEVICE, torch.bfloat16).requires_grad_() for n in (5, 2049)]
+        frozen = [(torch.randn(9, generator=g) * 0.3).to(DEVICE).requires_grad_()]
+        groups = [{"params": [full[0], half[0], full[1]]}, {"params": [half[1], full[2]]},
+                  {"params": frozen, "lr": 0.0 if name != "LDoG" else 1.0}]  # DoG rejects lr = 0
+        return full + half + frozen, FUSED[name](groups, backend=backend)
+
+    ref_params, ref = build("torch")
+    fused_params, fused = build("triton")
+    for t in range(3):
+        with torch.no_grad():
+            for a, b in zip(fused_params, ref_params):
+                a.copy_(b)
+        for params, opt in ((ref_params, ref), (fused_params, fused)):
+            opt.zero_grad()
+            loss = sum(((p.float() - 0.1 * (i + t)) ** 2).sum() for i, p in enumerate(params))
+            loss.backward()
+            opt.step(loss=loss)
+        for a, b in zip(fused_params, ref_params):
+            tol = 1e-5 if a.dtype == torch.float32 else 2 ** -7
+            assert rel_err(a.detach().float(), b.detach().float()) <= tol, (t, a.dtype, a.shape)

@@ -220,12 +220,18 @@ def test_scalars_are_device_tensors_and_copies(info):
     assert info.name in repr(opt)
 
 
-def test_unavailable_backends_say_so():
-    with pytest.raises(NotImplementedError, match="Triton backend"):
-        lrfree.PSDASGD([torch.zeros(2, requires_grad=True)], backend="triton")
+def test_backend_selection(monkeypatch):
+    p = [torch.zeros(2, requires_grad=True)]
     with pytest.raises(NotImplementedError, match="CUDA extension"):
-        lrfree.PSDASGD([torch.zeros(2, requires_grad=True)], backend="cuda")
-    assert lrfree.PSDASGD([torch.zeros(2, requires_grad=True)], backend="auto").backend == "torch"
+        lrfree.PSDASGD(p, backend="cuda")
+    assert lrfree.PSDASGD(p, backend="auto").backend == ("triton" if torch.cuda.is_available() else "torch")
+    assert lrfree.PSDASGD(p, backend="torch").backend == "torch"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="runs on CUDA tensors and the parameters are on cpu"):
+        lrfree.PSDASGD(p, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert lrfree.PSDASGD(p, backend="triton").backend == "triton"
+    assert "[backend=triton]" in repr(lrfree.PSDASGD(p, backend="triton"))
 
 
 def test_public_api():

@@ -70,14 +70,29 @@ class StepBatch:
             return common.grad_sq(self)
         return torch.stack([R.sumsq(it.g) for it in self.items])
 
-    def reduce(self, values: torch.Tensor) -> torch.Tensor:
-        """Sum a vector of per-tensor fp64 partials: left to right in the reference (the order in which
-        the reference packages accumulate), in one deterministic reduction when fused."""
-        return values.sum() if self.fused else self.total(values.unbind())
+    def reduce(self, values: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """``start`` plus a vector of per-tensor fp64 partials: left to right in the reference (the order
+        in which the reference packages accumulate), in one deterministic reduction when fused."""
+        if self.fused:
+            return values.sum() if start is None else start + values.sum()
+        return self.total(values.unbind(), start)
+
+    def subset(self, keep: list[int]) -> "StepBatch":
+        """The same step restricted to some of its tensors (e.g. the groups with lr > 0)."""
+        if len(keep) == len(self.items):
+            return self
+        sub = StepBatch([self.items[i] for i in keep], self.loss, self.device, self.optimizer, self.ok)
+        if "grad_sq" in self.__dict__:
+            sub.__dict__["grad_sq"] = self.grad_sq[keep] if keep else self.grad_sq[:0]
+        return sub
 
     def vector(self, values: Iterable[float]) -> torch.Tensor:
         """A cached fp64 device vector of per-item coefficients (a group's lr, eps, weight decay ...)."""
         return self.optimizer._coefficient_vector(tuple(values))
+
+    def index(self, values: Iterable[int]) -> torch.Tensor:
+        """A cached int64 device vector (positions of tensors or segments)."""
+        return self.optimizer._coefficient_vector(tuple(int(v) for v in values), torch.long)
 
     def per_item(self, key: str) -> torch.Tensor:
         """The param-group hyperparameter ``key`` of every active tensor, as a device vector."""
@@ -455,12 +470,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             return functools.partial(getattr(module, name), self)
         return getattr(self, "_ref_" + name)
 
-    def _coefficient_vector(self, values: tuple) -> torch.Tensor:
-        vec = self._vectors.get(values)
+    def _coefficient_vector(self, values: tuple, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """A device vector of host values (per-item hyperparameters, indices), cached by value so a
+        step with unchanged hyperparameters copies nothing to the device."""
+        key = (values, dtype)
+        vec = self._vectors.get(key)
         if vec is None:
             if len(self._vectors) > 256:
                 self._vectors.clear()
-            host = torch.tensor(values, dtype=torch.float64)
+            host = torch.tensor(values, dtype=dtype)
             vec = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-            self._vectors[values] = vec
+            self._vectors[key] = vec
         return vec

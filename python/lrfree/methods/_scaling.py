@@ -21,6 +21,17 @@ import torch
 from ..backends import torch_ref as R
 
 
+def scale_coefficients(hp: dict, t: torch.Tensor) -> torch.Tensor:
+    """The step's scaling coefficients as one fp64 device vector (bias corrections and the 1 − β
+    complements formed in fp64), in the layout ``lrfree.kernels.scaling`` reads:
+    [β1, 1−β1, 1−β1^t, β2, 1−β2, 1−β2^t, 1−β2^(t−1) (1 at t = 1), ε]."""
+    beta1, beta2 = hp["betas"]
+    one = torch.ones_like(t)
+    bc_prev = 1 - beta2 ** (t - 1)
+    return torch.stack([one * beta1, one * (1 - beta1), 1 - beta1 ** t, one * beta2, one * (1 - beta2),
+                        1 - beta2 ** t, torch.where(bc_prev > 0, bc_prev, one), one * hp["eps"]])
+
+
 def init_scaling_state(opt, p, group) -> dict[str, torch.Tensor]:
     hp = opt.param_groups[0]
     state = {}

@@ -24,6 +24,7 @@ class Adam(FusedOptimizer):
 
     hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "eps": V.NONNEG, "weight_decay": V.NONNEG,
                        "amsgrad": V.BOOL, "maximize": V.BOOL}
+    kernels = "adam"
     decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -42,13 +43,19 @@ class Adam(FusedOptimizer):
         return {"step": 0.0}
 
     def _update(self, batch: StepBatch) -> None:
+        index = batch.index(it.flat_index for it in batch.items)
+        step = self.S["step"].index_select(0, index) + 1  # each tensor counts the steps it took part in
+        self._pass("adam_step")(batch, step)
+        self._set_at("step", index, step, batch.ok)
+        self.S["steps"].add_(batch.ok.to(torch.float64))
+
+    def _ref_adam_step(self, batch: StepBatch, step: torch.Tensor) -> None:
         ok = batch.ok
-        steps = self.S["step"]
-        for it in batch.items:
+        for i, it in enumerate(batch.items):
             group, st = it.group, it.state
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            t = steps[it.flat_index] + 1
+            t = step[i]
             x = R.up(it.p, it.p)
             g = R.up(it.g, it.p)
             if group["maximize"]:
@@ -69,8 +76,6 @@ class Adam(FusedOptimizer):
             bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
             denom = v.sqrt() / bias_correction2_sqrt + eps
             R.commit_(it.p, R.addcdiv(x, m, denom, -(lr / bias_correction1)), ok)
-            self._set("step", t, ok, it.flat_index)
-        self.S["steps"].add_(ok.to(torch.float64))
 
 
 class AdamW(Adam):

@@ -32,6 +32,7 @@ class COCOB(FusedOptimizer):
 
     hyperparameters = {"alpha": V.NONNEG, "eps": V.POSITIVE, "weight_decay": V.NONNEG, "lr": V.NONNEG}
     shared_hyperparameters = ("alpha", "eps")
+    kernels = "cocob"
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True):
@@ -45,9 +46,12 @@ class COCOB(FusedOptimizer):
                 "reward": z(p), "x0": self.copy_of(p)}
 
     def _update(self, batch: StepBatch) -> None:
+        self._pass("cocob_step")(batch, max(group["lr"] for group in self.param_groups))
+        self.S["steps"].add_(batch.ok.to(torch.float64))
+
+    def _ref_cocob_step(self, batch: StepBatch, scale: float) -> None:
         ok = batch.ok
         alpha = self.param_groups[0]["alpha"]
-        scale = max(group["lr"] for group in self.param_groups)
         for it in batch.items:
             st = it.state
             x = R.up(it.p, it.p)
@@ -66,4 +70,3 @@ class COCOB(FusedOptimizer):
             for key, value in (("L", L), ("sum_negative_gradients", theta), ("grad_norm_sum", G), ("reward", reward)):
                 R.commit_(st[key], value, ok)
             R.commit_(it.p, x_new, ok)
-        self.S["steps"].add_(ok.to(torch.float64))

@@ -11,7 +11,9 @@ One global d (domain G; ALGORITHMS §4.6). Step k, γ = max group lr, r = the gr
 
 The update never uses d_{k+1} (m already carries λ_k), so a fused backend needs one pass. Betas, bias
 correction, growth rate and ``decouple`` come from param group 0; eps, weight decay and layer_scale are
-per group, as in the reference. S1 = 0 leaves x, d and N unchanged (the reference returns early).
+per group, as in the reference. S1 = 0 leaves d and N unchanged (the reference returns early); x is
+still updated, which differs from the reference only while every gradient so far was exactly zero
+(then only a decoupled weight decay moves x).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class DAdaptAdam(DAdaptBase):
     hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "eps": V.POSITIVE, "weight_decay": V.NONNEG,
                        "log_every": V.integer(0), "decouple": V.BOOL, "use_bias_correction": V.BOOL,
                        "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL, "layer_scale": V.NONNEG}
+    kernels = "dadapt_adam"
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
@@ -76,43 +79,44 @@ class DAdaptAdam(DAdaptBase):
 
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
-        hp = self.param_groups[0]
-        beta1, beta2 = hp["betas"]
-        sqrt_beta2 = beta2 ** 0.5
-        decouple = hp["decouple"]
         lr = self._shared_lr()
         dlr = self._adam_step_size(lr)
-
-        numerator_parts, l1_parts = [], []
-        for it in batch.items:
-            group = it.group
-            decay, r, eps = group["weight_decay"], group["layer_scale"], group["eps"]
-            x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
-            if decay != 0 and not decouple:
-                g = R.axpy(g, x, decay)
-            if group["lr"] > 0:
-                st = it.state
-                s, m, v = st["s"], st["exp_avg"], st["exp_avg_sq"]
-                numerator_parts.append(r * dlr * R.dot(g, s / (v.sqrt() + eps)))
-                R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
-                R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
-                s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
-                l1_parts.append(r * R.l1(s_next))
-                R.commit_(s, s_next, ok)
-        s_l1 = batch.total(l1_parts)
+        # one pass: ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor; m, v, s and x updated
+        stats = self._pass("dadapt_adam_step")(batch, dlr)
+        scale = batch.per_item("layer_scale")
+        s_l1 = batch.reduce(scale * stats[:, 1])
         proceed = ok & (s_l1 > 0)
-        new = self._rule(lr, batch.total(numerator_parts), s_l1)
-
-        for it in batch.items:
-            group = it.group
-            x = R.up(it.p, it.p)
-            denom = it.state["exp_avg_sq"].sqrt() + group["eps"]
-            if group["weight_decay"] != 0 and decouple:
-                x = R.axpy(x, x, -group["weight_decay"] * dlr)
-            R.commit_(it.p, x - it.state["exp_avg"] / denom, proceed)
-
+        new = self._rule(lr, batch.reduce(scale * dlr * stats[:, 0]), s_l1)
         new["step_size"] = dlr
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
+
+    def _ref_dadapt_adam_step(self, batch: StepBatch, dlr: torch.Tensor) -> torch.Tensor:
+        ok = batch.ok
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        sqrt_beta2 = beta2 ** 0.5
+        decouple = hp["decouple"]
+        rows = []
+        for it in batch.items:
+            group, st = it.group, it.state
+            decay, r, eps = group["weight_decay"], group["layer_scale"], group["eps"]
+            s, m, v = st["s"], st["exp_avg"], st["exp_avg_sq"]
+            x = R.up(it.p, it.p)
+            if group["lr"] > 0:
+                g = R.up(it.g, it.p)
+                if decay != 0 and not decouple:
+                    g = R.axpy(g, x, decay)
+                dot = R.dot(g, s / (v.sqrt() + eps))
+                R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
+                R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
+                s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
+                rows.append(torch.stack([dot, R.l1(s_next)]))
+                R.commit_(s, s_next, ok)
+            else:
+                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
+            if decay != 0 and decouple:
+                x = R.axpy(x, x, -decay * dlr)
+            R.commit_(it.p, x - m / (v.sqrt() + eps), ok)
+        return torch.stack(rows)

@@ -54,6 +54,7 @@ class DAdaptSGD(DAdaptBase):
 
     hyperparameters = {"lr": V.NONNEG, "momentum": V.UNIT_INTERVAL, "weight_decay": V.NONNEG,
                        "log_every": V.integer(0), "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL}
+    kernels = "dadapt_sgd"
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
@@ -83,33 +84,36 @@ class DAdaptSGD(DAdaptBase):
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
         lr = self._shared_lr()
-        decay, beta = hp["weight_decay"], hp["momentum"]
         adapting = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]
-
-        g0_norm, dlr = self._step_size(lr, batch.total(batch.grad_sq[i] for i in adapting))
-
-        numerator_parts, s_sq_parts = [], []
-        for i, it in enumerate(batch.items):
-            g = R.up(it.g, it.p)
-            if decay != 0:
-                g = R.axpy(g, R.up(it.p, it.p), decay)
-            s = it.state["s"]
-            if i in adapting:
-                numerator_parts.append(dlr * R.dot(g, s))
-                s_next = R.axpy(s, g, dlr)
-                s_sq_parts.append(R.sumsq(s_next))
-                R.commit_(s, s_next, ok)
-        s_sq = batch.total(s_sq_parts)
+        g0_norm, dlr = self._step_size(lr, batch.reduce(batch.grad_sq[adapting]))
+        # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s and x updated
+        stats = self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"])
+        s_sq = batch.reduce(stats[:, 1])
+        # s = 0 everywhere (no gradient yet): nothing to estimate; x moved only toward x0 = x
         proceed = ok & (s_sq > 0)
-        new = self._rule(lr, batch.total(numerator_parts, start=S["numerator"]), s_sq)
-
-        averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
-        for it in batch.items:
-            x = R.up(it.p, it.p)
-            z = R.up(it.state["x0"], it.p) - it.state["s"]
-            R.commit_(it.p, R.axpy(x * (1.0 - averaging), z, averaging), proceed)
-
+        new = self._rule(lr, batch.reduce(dlr * stats[:, 0], start=S["numerator"]), s_sq)
         new.update(step_size=dlr, g0_norm=g0_norm)
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
+
+    def _ref_dadapt_sgd_step(self, batch: StepBatch, dlr: torch.Tensor, decay: float, beta: float) -> torch.Tensor:
+        ok = batch.ok
+        averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
+        rows = []
+        for it in batch.items:
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            if decay != 0:
+                g = R.axpy(g, x, decay)
+            s = it.state["s"]
+            if it.group["lr"] > 0:
+                dot = R.dot(g, s)
+                s_next = R.axpy(s, g, dlr)
+                rows.append(torch.stack([dot, R.sumsq(s_next)]))
+                R.commit_(s, s_next, ok)
+            else:
+                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
+            z = R.up(it.state["x0"], it.p) - s
+            R.commit_(it.p, R.axpy(x * (1.0 - averaging), z, averaging), ok)
+        return torch.stack(rows)

@@ -110,13 +110,12 @@ class DoG(FusedOptimizer):
             grad_sq = torch.stack([batch.reduce(stats[a:b, 0]) for a, b in zip(bounds, bounds[1:])])
             dist_sq = torch.stack([batch.reduce(stats[a:b, 1]) for a, b in zip(bounds, bounds[1:])])
         dist_sq = dist_sq + self._resting_distances(batch, segments)
-        seg_index = batch.vector(float(s) for s in segments).long()
+        seg_index = batch.index(segments)
         groups = [batch.items[a].group for a in bounds[:-1]]
         new = self._rule(seg_index, groups, grad_sq, dist_sq, batch)
         for name, value in new.items():
             self._set_at(name, seg_index, value, ok)
-        item_segment = batch.vector(float(k) for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
-                                    for _ in range(a, b)).long()
+        item_segment = batch.index(k for k, (a, b) in enumerate(zip(bounds, bounds[1:])) for _ in range(a, b))
         self._pass("sgd_apply")(batch, new["eta"].index_select(0, item_segment), decay)
         self.S["steps"].add_(ok.to(torch.float64))
 

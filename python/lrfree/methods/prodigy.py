@@ -53,6 +53,7 @@ class Prodigy(DAdaptBase):
                        "weight_decay": V.NONNEG, "decouple": V.BOOL, "use_bias_correction": V.BOOL,
                        "safeguard_warmup": V.BOOL, "d0": V.POSITIVE, "d_coef": V.POSITIVE, "growth_rate": V.GROWTH,
                        "fsdp_in_use": V.BOOL, "slice_p": V.integer(1)}
+    kernels = "prodigy"
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
                  weight_decay: float = 0, decouple: bool = True, use_bias_correction: bool = False,
@@ -97,55 +98,64 @@ class Prodigy(DAdaptBase):
 
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
-        hp = self.param_groups[0]
-        beta1, beta2 = hp["betas"]
-        beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
-        decouple = hp["decouple"]
         lr = self._shared_lr()
         d = S["d"]
         dlr = self._adam_step_size(lr)
+        # pass A: ⟨g_J, p0 − x_J⟩ and ‖s_new‖₁ per tensor; m, v and s updated
+        stats = self._pass("prodigy_stats")(batch, d, dlr)
+        denominator = batch.reduce(stats[:, 1])
+        proceed = ok & (denominator > 0)
+        new = self._rule(lr, batch.reduce((d / batch.per_item("d0")) * dlr * stats[:, 0]), denominator)
+        # pass B: the update, with the new d inside ε
+        self._pass("prodigy_apply")(batch, dlr, new.get("d", d), proceed)
+        new["step_size"] = dlr
+        for name, value in new.items():
+            self._set(name, value, proceed)
+        S["steps"].add_(proceed.to(torch.float64))
 
-        # pass A: statistics and moment updates
-        delta_parts, l1_parts, directions = [], [], []
+    def _ref_prodigy_stats(self, batch: StepBatch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+        ok = batch.ok
+        hp = self.param_groups[0]
+        beta1, beta2 = hp["betas"]
+        beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
+        rows = []
         for it in batch.items:
             group, st = it.group, it.state
-            decay, d0 = group["weight_decay"], group["d0"]
+            if group["lr"] <= 0:
+                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
+                continue
             x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
-            if decay != 0 and not decouple:
-                g = R.axpy(g, x, decay)
-            directions.append(g)
-            if group["lr"] > 0:
-                g_j = self._sliced(g, group)
-                delta_parts.append((d / d0) * dlr * R.dot(g_j, R.up(st["p0"], it.p) - self._sliced(x, group)))
-                if beta1 > 0:
-                    m = st["exp_avg"]
-                    R.commit_(m, R.axpy(m * beta1, g, d * (1 - beta1)), ok)
-                v = st["exp_avg_sq"]
-                R.commit_(v, R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
-                weight = d if group["safeguard_warmup"] else dlr
-                s_next = R.axpy(st["s"] * beta3, g_j, (d / d0) * weight)
-                l1_parts.append(R.l1(s_next))
-                R.commit_(st["s"], s_next, ok)
-        denominator = batch.total(l1_parts)
-        proceed = ok & (denominator > 0)
-        new = self._rule(lr, batch.total(delta_parts), denominator)
-        d_new = new["d"]
+            g = self._coupled_gradient(it, x)
+            g_j = self._sliced(g, group)
+            dot = R.dot(g_j, R.up(st["p0"], it.p) - self._sliced(x, group))
+            if beta1 > 0:
+                m = st["exp_avg"]
+                R.commit_(m, R.axpy(m * beta1, g, d * (1 - beta1)), ok)
+            v = st["exp_avg_sq"]
+            R.commit_(v, R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
+            weight = d if group["safeguard_warmup"] else dlr
+            s_next = R.axpy(st["s"] * beta3, g_j, (d / group["d0"]) * weight)
+            rows.append(torch.stack([dot, R.l1(s_next)]))
+            R.commit_(st["s"], s_next, ok)
+        return torch.stack(rows)
 
-        # pass B: the update, with the new d inside ε
-        for it, g in zip(batch.items, directions):
+    def _ref_prodigy_apply(self, batch: StepBatch, dlr: torch.Tensor, d_new: torch.Tensor,
+                           proceed: torch.Tensor) -> None:
+        hp = self.param_groups[0]
+        for it in batch.items:
             group, st = it.group, it.state
             x = R.up(it.p, it.p)
+            g = self._coupled_gradient(it, x)
             denom = st["exp_avg_sq"].sqrt() + d_new * group["eps"]
-            if group["weight_decay"] != 0 and decouple:
+            if group["weight_decay"] != 0 and hp["decouple"]:
                 x = R.axpy(x, x, -group["weight_decay"] * dlr)
-            if beta1 > 0:
+            if hp["betas"][0] > 0:
                 x_new = R.addcdiv(x, st["exp_avg"], denom, -dlr)
             else:
                 x_new = R.addcdiv(x, g, denom, -dlr * d_new)
             R.commit_(it.p, x_new, proceed)
 
-        new["step_size"] = dlr
-        for name, value in new.items():
-            self._set(name, value, proceed)
-        S["steps"].add_(proceed.to(torch.float64))
+    def _coupled_gradient(self, it, x: torch.Tensor) -> torch.Tensor:
+        g = R.up(it.g, it.p)
+        decay = it.group["weight_decay"]
+        return R.axpy(g, x, decay) if decay != 0 and not self.param_groups[0]["decouple"] else g

@@ -37,7 +37,7 @@ from ..backends import torch_ref as R
 from ..optimizer import StepBatch
 from ._dadapt import DAdaptBase
 from .dadapt_sgd import distance_estimate
-from ._scaling import ScaledStep, init_scaling_state
+from ._scaling import ScaledStep, init_scaling_state, scale_coefficients
 
 
 class PSDASGD(DAdaptBase):
@@ -61,6 +61,7 @@ class PSDASGD(DAdaptBase):
                        "d0": V.POSITIVE, "growth_rate": V.GROWTH, "weight_decay": V.NONNEG, "amsgrad": V.BOOL,
                        "scaling": V.choice("adam", "none")}
     shared_hyperparameters = ("momentum", "betas", "eps", "d0", "growth_rate", "amsgrad", "scaling")
+    kernels = "ps_dasgd"
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
@@ -99,48 +100,62 @@ class PSDASGD(DAdaptBase):
         hp = self.param_groups[0]
         lr = self._shared_lr()
         t = S["steps"] + 1
-        items = [it for it in batch.items if it.group["lr"] > 0]  # lr = 0 groups are frozen
-
-        steps = [ScaledStep(hp, it.state, R.up(it.g, it.p), t) for it in items]
-        grads = [R.up(it.g, it.p) for it in items]
-        # the statistics of the first step (a fused backend reduces them in an extra pass at step 0)
-        scaled_grad_sq = batch.total((g * g / st.alpha_sq).to(torch.float64).sum() for g, st in zip(grads, steps))
-        alpha_sq_sum = batch.total(st.alpha_sq.to(torch.float64).sum() for st in steps)
-        g0_norm, d, dlr = self._step_size(lr, scaled_grad_sq, alpha_sq_sum, sum(g.numel() for g in grads))
-
-        ratio = torch.ones((), dtype=torch.float64, device=batch.device)
-        for st in steps:
-            ratio = torch.maximum(ratio, st.max_scale_ratio(t))
-        numerator_parts, weighted_sq_parts, new_s, directions = [], [], [], []
-        for it, g, st in zip(items, grads, steps):
-            x = R.up(it.p, it.p)
-            u = st.direction
-            if it.group["weight_decay"] != 0:
-                u = R.axpy(u, x, it.group["weight_decay"])
-            s = it.state["s"]
-            numerator_parts.append(dlr * R.dot(g, s))
-            s_next = R.axpy(s, u, dlr)
-            weighted_sq_parts.append((s_next * s_next * st.alpha_sq).to(torch.float64).sum())
-            new_s.append(s_next)
-            directions.append(u)
-        weighted_sq = batch.total(weighted_sq_parts)
+        sub = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])  # lr = 0: frozen
+        if not sub.items:
+            return
+        coefficients = scale_coefficients(hp, t)
+        # n_0 and rms(α_0) come from the first step with a non-zero gradient (the fused pass returns at
+        # once after that)
+        start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0)
+        g0_norm, d, dlr = self._step_size(lr, sub.reduce(start[:, 0]), sub.reduce(start[:, 1]),
+                                          sum(it.p.numel() for it in sub.items))
+        # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated
+        stats = self._pass("psdasgd_step")(sub, coefficients, dlr)
+        ratio = torch.where(t > 1, stats[:, 2].max().sqrt().clamp_min(1.0), torch.ones_like(t))
+        weighted_sq = sub.reduce(stats[:, 1])
         proceed = ok & (weighted_sq > 0)
-        new = self._rule(lr, d, batch.total(numerator_parts, start=S["numerator"] / ratio), weighted_sq)
-
-        momentum = hp["momentum"]
-        averaging = 1.0 - momentum
-        for it, st, s_next, u in zip(items, steps, new_s, directions):
-            x = R.up(it.p, it.p)
-            if momentum > 0:
-                z = R.up(it.state["x0"], it.p) - s_next
-                x_next = R.axpy(x * (1.0 - averaging), z, averaging)
-            else:
-                x_next = R.axpy(x, u, -dlr)
-            st.commit(ok)
-            R.commit_(it.state["s"], s_next, ok)
-            R.commit_(it.p, x_next, proceed)
-
+        new = self._rule(lr, d, sub.reduce(dlr * stats[:, 0], start=S["numerator"] / ratio), weighted_sq)
         new.update(g0_norm=g0_norm, step_size=dlr, scale_ratio=ratio)
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
+
+    # -- torch reference passes --------------------------------------------------------------------
+    def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
+        t = self.S["steps"] + 1
+        return [ScaledStep(self.param_groups[0], it.state, R.up(it.g, it.p), t) for it in batch.items]
+
+    def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started) -> torch.Tensor:
+        rows = []
+        for it, st in zip(batch.items, self._scaled_steps(batch)):
+            g = R.up(it.g, it.p)
+            rows.append(torch.stack([(g * g / st.alpha_sq).to(torch.float64).sum(),
+                                     st.alpha_sq.to(torch.float64).sum()]))
+        return torch.stack(rows)
+
+    def _ref_psdasgd_step(self, batch: StepBatch, coefficients, dlr: torch.Tensor) -> torch.Tensor:
+        ok = batch.ok
+        hp = self.param_groups[0]
+        t = self.S["steps"] + 1
+        momentum = hp["momentum"]
+        averaging = 1.0 - momentum
+        rows = []
+        for it, st in zip(batch.items, self._scaled_steps(batch)):
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            u = st.direction
+            if it.group["weight_decay"] != 0:
+                u = R.axpy(u, x, it.group["weight_decay"])
+            s = it.state["s"]
+            dot = R.dot(g, s)
+            s_next = R.axpy(s, u, dlr)
+            rows.append(torch.stack([dot, (s_next * s_next * st.alpha_sq).to(torch.float64).sum(),
+                                     st.max_scale_ratio(t).square()]))
+            if momentum > 0:
+                x_next = R.axpy(x * (1.0 - averaging), R.up(it.state["x0"], it.p) - s_next, averaging)
+            else:
+                x_next = R.axpy(x, u, -dlr)
+            st.commit(ok)
+            R.commit_(s, s_next, ok)
+            R.commit_(it.p, x_next, ok)
+        return torch.stack(rows)

@@ -29,7 +29,7 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import FusedOptimizer, StepBatch
-from ._scaling import ScaledStep, init_scaling_state
+from ._scaling import ScaledStep, init_scaling_state, scale_coefficients
 
 
 class PSSPS(FusedOptimizer):
@@ -57,6 +57,7 @@ class PSSPS(FusedOptimizer):
                        "eta_max": V.optional(V.POSITIVE_OR_INF), "scaling": V.choice("adam", "none")}
     shared_hyperparameters = ("c", "f_star", "betas", "eps", "amsgrad", "smooth", "gamma", "n_batches_per_epoch",
                               "eta_max", "scaling")
+    kernels = "ps_sps"
 
     def __init__(self, params, c: float = 0.5, f_star: float = 0.0, betas=(0.0, 0.999), eps: float = 1e-8,
                  amsgrad: bool = False, *, lr: float = 1.0, weight_decay: float = 0.0, smooth: bool = True,
@@ -87,20 +88,30 @@ class PSSPS(FusedOptimizer):
 
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
-        hp = self.param_groups[0]
-        t = S["steps"] + 1
-        grads = [R.up(it.g, it.p) for it in batch.items]
-        steps = [ScaledStep(hp, it.state, g, t) for it, g in zip(batch.items, grads)]
-        scaled_sq = batch.total((g * g / st.alpha_sq).to(torch.float64).sum() for g, st in zip(grads, steps))
+        coefficients = scale_coefficients(self.param_groups[0], S["steps"] + 1)
+        # stats pass: ‖g/α‖² per tensor (α from this step's v, nothing written)
+        scaled_sq = batch.reduce(self._pass("pssps_stats")(batch, coefficients)[:, 0])
         new = self._rule(batch.loss, scaled_sq)
-        eta = new["step_size"]
-        for it, st in zip(batch.items, steps):
+        # apply pass: v, m and x updated
+        self._pass("pssps_apply")(batch, coefficients, new["step_size"] * batch.per_item("lr"))
+        for name, value in new.items():
+            self._set(name, value, ok)
+        S["steps"].add_(ok.to(torch.float64))
+
+    # -- torch reference passes --------------------------------------------------------------------
+    def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
+        t = self.S["steps"] + 1
+        return [ScaledStep(self.param_groups[0], it.state, R.up(it.g, it.p), t) for it in batch.items]
+
+    def _ref_pssps_stats(self, batch: StepBatch, coefficients) -> torch.Tensor:
+        return torch.stack([(R.up(it.g, it.p) ** 2 / st.alpha_sq).to(torch.float64).sum().reshape(1)
+                            for it, st in zip(batch.items, self._scaled_steps(batch))])
+
+    def _ref_pssps_apply(self, batch: StepBatch, coefficients, coef: torch.Tensor) -> None:
+        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
             x = R.up(it.p, it.p)
             u = st.direction
             if it.group["weight_decay"] != 0:
                 u = R.axpy(u, x, it.group["weight_decay"])
-            st.commit(ok)
-            R.commit_(it.p, R.axpy(x, u, -(eta * it.group["lr"])), ok)
-        for name, value in new.items():
-            self._set(name, value, ok)
-        S["steps"].add_(ok.to(torch.float64))
+            st.commit(batch.ok)
+            R.commit_(it.p, R.axpy(x, u, -coef[i]), batch.ok)

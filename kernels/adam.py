@@ -1,0 +1,72 @@
+"""Adam / AdamW in one pass, torch.optim semantics, per-tensor step counts (R 16: g, x, m, v; W 12):
+
+    g ← ±g (+ wd x, Adam);  x ← x (1 − lr wd) (AdamW);  m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²
+    (amsgrad: v̂ ← max(v̂, v));  x ← x − (lr / bc1) m / (√v / √bc2 + ε)
+
+Per-tensor lr, betas, eps, wd and bias corrections arrive as fp64 device vectors; the complements
+1 − β are formed in fp64 (in fp32, 1 − 0.999 loses four digits)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dtype_groups, launch, ok_flag
+
+
+@triton.jit
+def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, ok,
+                 X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    if tl.load(ok) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    # per tensor: (β1, 1−β1, β2, 1−β2, eps, wd, 1 − lr·wd, step size lr/bc1, √bc2, sign)
+    row = table + 10 * t
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC) * tl.load(row + 9).to(ACC)
+    if DECOUPLED:
+        x = x * tl.load(row + 6).to(ACC)
+    else:
+        g = g + tl.load(row + 5).to(ACC) * x
+    m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask) + tl.load(row + 1).to(ACC) * g
+    v = tl.load(row + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask) + tl.load(row + 3).to(ACC) * g * g
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    if AMSGRAD:
+        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
+        tl.store(vmax_ptr + offs, v, mask=mask)
+    denom = tl.sqrt(v) / tl.load(row + 8).to(ACC) + tl.load(row + 4).to(ACC)
+    tl.store(x_ptr + offs, (x - tl.load(row + 7).to(ACC) * (m / denom)).to(X), mask=mask)
+
+
+def adam_step(opt, batch, step: torch.Tensor) -> None:
+    """``step``: (items,) fp64 step counts t (this step included)."""
+    vec = batch.per_item
+    beta1 = batch.vector(it.group["betas"][0] for it in batch.items)
+    beta2 = batch.vector(it.group["betas"][1] for it in batch.items)
+    lr, wd = vec("lr"), vec("weight_decay")
+    table = torch.stack([
+        beta1, batch.vector(1 - it.group["betas"][0] for it in batch.items),
+        beta2, batch.vector(1 - it.group["betas"][1] for it in batch.items),
+        vec("eps"), wd, 1 - lr * wd, lr / (1 - beta1 ** step), (1 - beta2 ** step).sqrt(),
+        batch.vector(-1.0 if it.group["maximize"] else 1.0 for it in batch.items)], dim=1).contiguous()
+
+    def slots(it, amsgrad):
+        st = it.state
+        return (it.p, it.g, st["exp_avg"], st["exp_avg_sq"], st["max_exp_avg_sq"] if amsgrad else st["exp_avg_sq"])
+
+    for group in dtype_groups(batch, slots, key=lambda it: it.group["amsgrad"]):
+        geo = group.geo
+        rows = table if group.whole else table.index_select(0, group._indices())
+        launch(_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
+               geo.block_start, rows, ok_flag(batch), X=group.tl_dtype, ACC=group.acc, DECOUPLED=opt.decoupled,
+               AMSGRAD=group.variant, BLOCK=geo.block)

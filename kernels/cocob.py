@@ -1,0 +1,53 @@
+"""COCOB-Backprop in one pass, no reductions (ALGORITHMS §4.8):
+
+    g̃ = (g + wd x) γ;  L ← max(L, |g̃|);  θ ← θ − g̃;  G ← G + |g̃|;  R ← max(R − g̃ (x − x0), 0)
+    x ← x0 + (L + R) θ / (L max(G + L, α L))            R 28 (g, x, θ, G, L, R, x0)  W 20
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import dtype_groups, launch, ok_flag
+
+
+@triton.jit
+def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs, numels, block_tensor, block_start,
+                  decay_vec, coeffs, ok, X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    if tl.load(ok) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(ACC))
+    gsum_ptr = tl.load(gsum_ptrs + t).to(tl.pointer_type(ACC))
+    l_ptr = tl.load(l_ptrs + t).to(tl.pointer_type(ACC))
+    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(ACC))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
+    x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    g = (g + tl.load(decay_vec + t).to(ACC) * x) * tl.load(coeffs).to(ACC)
+    big_l = tl.maximum(tl.load(l_ptr + offs, mask=mask, other=1.0), tl.abs(g))
+    theta = tl.load(theta_ptr + offs, mask=mask) - g
+    gsum = tl.load(gsum_ptr + offs, mask=mask) + tl.abs(g)
+    reward = tl.maximum(tl.load(r_ptr + offs, mask=mask) - g * (x - x0), 0.0)
+    denom = tl.maximum(gsum + big_l, big_l * tl.load(coeffs + 1).to(ACC)) * big_l
+    tl.store(l_ptr + offs, big_l, mask=mask)
+    tl.store(theta_ptr + offs, theta, mask=mask)
+    tl.store(gsum_ptr + offs, gsum, mask=mask)
+    tl.store(r_ptr + offs, reward, mask=mask)
+    tl.store(x_ptr + offs, ((reward + big_l) * theta / denom + x0).to(X), mask=mask)
+
+
+def cocob_step(opt, batch, scale: float) -> None:
+    coeffs = batch.vector((scale, opt.param_groups[0]["alpha"]))
+    decay = batch.per_item("weight_decay")
+    keys = ("sum_negative_gradients", "grad_norm_sum", "L", "reward", "x0")
+    for group in dtype_groups(batch, lambda it: (it.p, it.g, *(it.state[k] for k in keys))):
+        geo = group.geo
+        launch(_cocob_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
+               geo.block_start, group.take(decay), coeffs, ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
+               BLOCK=geo.block)

@@ -1,0 +1,81 @@
+"""D-Adapt Adam in one pass (ALGORITHMS §4.6). Per tensor, λ = dlr, r = layer_scale:
+
+    g ← g + wd x (coupled);   (lr > 0)  ⟨g, s/(√v+ε)⟩ (old s, v);  m ← β1 m + rλ(1−β1) g;
+    v ← β2 v + (1−β2) g²;  s ← √β2 s + λ(1−√β2) g;  ‖s‖₁;     x ← x − wd λ x (decoupled);  x ← x − m/(√v+ε)
+
+R 20 (g, x, s, m, v), W 16 (s, m, v, x); partials ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+
+
+@triton.jit
+def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_vec,
+                        decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, X: tl.constexpr,
+                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
+    # (β1, 1−β1, β2, 1−β2, √β2, 1−√β2): the complements come from the host in fp64, since 1 − β2
+    # formed in fp32 loses 4 digits to cancellation
+    beta1 = tl.load(coeffs).to(ACC)
+    one_minus_beta1 = tl.load(coeffs + 1).to(ACC)
+    beta2 = tl.load(coeffs + 2).to(ACC)
+    one_minus_beta2 = tl.load(coeffs + 3).to(ACC)
+    sqrt_beta2 = tl.load(coeffs + 4).to(ACC)
+    one_minus_sqrt_beta2 = tl.load(coeffs + 5).to(ACC)
+    eps = tl.load(eps_vec + t).to(ACC)
+    decay = tl.load(decay_vec + t).to(ACC)
+    dlr = tl.load(dlr_ptr).to(ACC)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    if tl.load(adapting + t) != 0:
+        s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+        g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        if not DECOUPLE:
+            g = g + decay * x
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        tl.store(partials + 2 * pid, tl.sum(g * (s / (tl.sqrt(v) + eps)), axis=0))
+        m = beta1 * m + (tl.load(scale_vec + t).to(ACC) * dlr * one_minus_beta1) * g
+        v = beta2 * v + one_minus_beta2 * g * g
+        s = sqrt_beta2 * s + (dlr * one_minus_sqrt_beta2) * g
+        tl.store(partials + 2 * pid + 1, tl.sum(tl.abs(s), axis=0))
+        tl.store(m_ptr + offs, m, mask=mask & accept)
+        tl.store(v_ptr + offs, v, mask=mask & accept)
+        tl.store(s_ptr + offs, s, mask=mask & accept)
+    else:
+        tl.store(partials + 2 * pid, 0.0)
+        tl.store(partials + 2 * pid + 1, 0.0)
+    if DECOUPLE:
+        x = x - decay * dlr * x
+    tl.store(x_ptr + offs, (x - m / (tl.sqrt(v) + eps)).to(X), mask=mask & accept)
+
+
+def dadapt_adam_step(opt, batch, dlr: torch.Tensor) -> torch.Tensor:
+    hp = opt.param_groups[0]
+    beta1, beta2 = hp["betas"]
+    coeffs = batch.vector((beta1, 1 - beta1, beta2, 1 - beta2, beta2 ** 0.5, 1 - beta2 ** 0.5))
+    eps, decay, scale = batch.per_item("eps"), batch.per_item("weight_decay"), batch.per_item("layer_scale")
+    adapting = batch.vector(float(it.group["lr"] > 0) for it in batch.items)
+    parts = []
+    for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state["s"], it.state["exp_avg"],
+                                                 it.state["exp_avg_sq"])):
+        geo = group.geo
+        partials = group.partials(2)
+        launch(_dadapt_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels,
+               geo.block_tensor, geo.block_start, group.take(eps), group.take(decay), group.take(scale),
+               group.take(adapting), dlr, ok_flag(batch), partials, coeffs, X=group.tl_dtype, ACC=group.acc,
+               DECOUPLE=hp["decouple"], BLOCK=geo.block)
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts)

@@ -1,0 +1,118 @@
+"""Prodigy in two passes (ALGORITHMS §4.7): the update needs the new d inside ε.
+
+Pass A (lr > 0 tensors), with J the elements whose flat index is a multiple of the tensor's slice_p:
+    g ← g + wd x (coupled);   ⟨g_J, p0 − x_J⟩;   m ← β1 m + d(1−β1) g;   v ← β2 v + d²(1−β2) g²;
+    s ← β3 s + c_s g_J;   ‖s‖₁                                   R 24 (g, x, p0, s, m, v)  W 12
+Pass B: x ← x − wd λ x (decoupled);  x ← x − λ m / (√v + d_new ε)   (β1 = 0: λ d_new g / (...))   R 12  W 4
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+
+
+@triton.jit
+def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start,
+                          slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, X: tl.constexpr,
+                          ACC: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
+    x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    if COUPLED:
+        g = g + tl.load(decay_vec + t).to(ACC) * x
+    # (β1, d(1−β1), β2, d²(1−β2), β3): d-dependent coefficients are formed on device in fp64
+    if HAS_M:
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+        m = tl.load(coeffs).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 1).to(ACC) * g
+        tl.store(m_ptr + offs, m, mask=mask & accept)
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    v = tl.load(coeffs + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 3).to(ACC) * g * g
+    tl.store(v_ptr + offs, v, mask=mask & accept)
+    stride = tl.load(slice_vec + t)
+    sliced = mask & (offs % stride == 0)
+    j = offs // stride
+    p0 = tl.load(tl.load(p0_ptrs + t).to(tl.pointer_type(X)) + j, mask=sliced, other=0.0).to(ACC)
+    s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+    s = tl.load(coeffs + 4).to(ACC) * tl.load(s_ptr + j, mask=sliced, other=0.0) + tl.load(s_coef_vec + t).to(ACC) * g
+    s = tl.where(sliced, s, 0.0)
+    tl.store(s_ptr + j, s, mask=sliced & accept)
+    tl.store(partials + 2 * pid, tl.sum(tl.where(sliced, g * (p0 - x), 0.0), axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum(tl.abs(s), axis=0))
+
+
+@triton.jit
+def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, decay_vec, eps_vec,
+                          dlr_ptr, d_new_ptr, proceed, X: tl.constexpr, ACC: tl.constexpr, COUPLED: tl.constexpr,
+                          HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+    if tl.load(proceed) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    dlr = tl.load(dlr_ptr).to(ACC)
+    d_new = tl.load(d_new_ptr).to(ACC)
+    decay = tl.load(decay_vec + t).to(ACC)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
+    denom = tl.sqrt(tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask)) \
+        + d_new * tl.load(eps_vec + t).to(ACC)
+    if HAS_M:
+        step = dlr * tl.load(tl.load(m_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask) / denom
+    else:
+        g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+        if COUPLED:
+            g = g + decay * x
+        step = dlr * d_new * g / denom
+    if not COUPLED:
+        x = x - decay * dlr * x
+    tl.store(x_ptr + offs, (x - step).to(X), mask=mask)
+
+
+def _slots(it):
+    st = it.state
+    return (it.p, it.g, st["p0"], st["s"], st.get("exp_avg", st["exp_avg_sq"]), st["exp_avg_sq"])
+
+
+def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+    hp = opt.param_groups[0]
+    beta1, beta2 = hp["betas"]
+    beta3 = hp["beta3"] if hp["beta3"] is not None else beta2 ** 0.5
+    coeffs = torch.stack([d.new_tensor(beta1), d * (1 - beta1), d.new_tensor(beta2), d * d * (1 - beta2),
+                          d.new_tensor(beta3)])
+    weight = torch.where(batch.vector(float(it.group["safeguard_warmup"]) for it in batch.items) != 0, d, dlr)
+    s_coef = (d / batch.per_item("d0")) * weight
+    slices = batch.index(it.group["slice_p"] for it in batch.items)
+    decay = batch.per_item("weight_decay")
+    parts = []
+    for group in dtype_groups(batch, _slots, only=lambda it: it.group["lr"] > 0):
+        geo = group.geo
+        partials = group.partials(2)
+        launch(_prodigy_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(6)), geo.numels,
+               geo.block_tensor, geo.block_start, group.take(slices), group.take(decay), group.take(s_coef), coeffs,
+               ok_flag(batch), partials, X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"],
+               HAS_M=beta1 > 0, BLOCK=geo.block)
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts) if parts else torch.zeros((len(batch.items), 2), dtype=torch.float64,
+                                                           device=batch.device)
+
+
+def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: torch.Tensor) -> None:
+    hp = opt.param_groups[0]
+    flag = proceed.to(torch.int32)
+    decay, eps = batch.per_item("weight_decay"), batch.per_item("eps")
+    for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state.get("exp_avg", it.state["exp_avg_sq"]),
+                                                 it.state["exp_avg_sq"])):
+        geo = group.geo
+        launch(_prodigy_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(4)), geo.numels,
+               geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), dlr, d_new, flag,
+               X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"], HAS_M=hp["betas"][0] > 0,
+               BLOCK=geo.block)

@@ -1,0 +1,130 @@
+"""PS-DA-SGD (methods/ps_dasgd.py) as fused passes.
+
+Start pass (until the device says n0 is known; afterwards each program returns at once):
+    Σ g²/α²  and  Σ α²  per tensor (α from this step's v, computed in registers, nothing written)
+Step pass, one per step (R 20: g, x, v, m, s; W 16: v, m, s, x):
+    α², α²_prev;  u = m̂/α² (+ wd x);  ⟨g, s_old⟩;  s ← s + λ u;  Σ α² s²;  max α²_prev/α²
+    x ← x − λ u     (or μ x + (1 − μ)(x0 − s) with primal averaging)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+from .scaling import adam_scale, direction
+
+
+@triton.jit
+def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, started, partials,
+                  X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    if tl.load(started) != 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    if SCALED:
+        v = tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask, other=0.0)
+        vmax = v
+        if AMSGRAD:
+            vmax = tl.load(tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask, other=0.0)
+        _, _, alpha_sq, _ = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
+    else:
+        alpha_sq = tl.full([BLOCK], 1.0, ACC)
+    tl.store(partials + 2 * pid, tl.sum(g * g / alpha_sq, axis=0))
+    tl.store(partials + 2 * pid + 1, tl.sum(tl.where(mask, alpha_sq, 0.0), axis=0))
+
+
+@triton.jit
+def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, numels, block_tensor, block_start,
+                 c, decay_vec, dlr_ptr, averaging, ok, partials, X: tl.constexpr, ACC: tl.constexpr,
+                 SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    if SCALED:
+        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        vmax = v
+        if AMSGRAD:
+            vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+        v_new, vmax_new, alpha_sq, alpha_sq_prev = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
+        tl.store(v_ptr + offs, v_new, mask=store)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax_new, mask=store)
+    else:
+        alpha_sq = tl.full([BLOCK], 1.0, ACC)
+        alpha_sq_prev = alpha_sq
+    m = tl.zeros([BLOCK], ACC)
+    if HAS_M:
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    m_new, u = direction(g, m, alpha_sq, c, ACC, HAS_M)
+    if HAS_M:
+        tl.store(m_ptr + offs, m_new, mask=store)
+    u = u + tl.load(decay_vec + t).to(ACC) * x
+    dlr = tl.load(dlr_ptr).to(ACC)
+    tl.store(partials + 3 * pid, tl.sum(g * s, axis=0))
+    s = s + dlr * u
+    tl.store(s_ptr + offs, s, mask=store)
+    tl.store(partials + 3 * pid + 1, tl.sum(tl.where(mask, alpha_sq * s * s, 0.0), axis=0))
+    tl.store(partials + 3 * pid + 2, tl.max(tl.where(mask, alpha_sq_prev / alpha_sq, 0.0), axis=0))
+    if AVERAGING:
+        x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        x = x * tl.load(averaging).to(ACC) + (x0 - s) * tl.load(averaging + 1).to(ACC)
+    else:
+        x = x - dlr * u
+    tl.store(x_ptr + offs, x.to(X), mask=store)
+
+
+def _state_slots(it, hp):
+    st = it.state
+    v = st.get("exp_avg_sq", it.p)
+    return (it.p, it.g, st["s"], st.get("exp_avg", v), v, st.get("max_exp_avg_sq", v), st.get("x0", it.p))
+
+
+def _flags(hp):
+    return dict(SCALED=hp["scaling"] == "adam", AMSGRAD=hp["amsgrad"] and hp["scaling"] == "adam")
+
+
+def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
+    hp = opt.param_groups[0]
+    flag = started.to(torch.int32)
+    parts = []
+    for group in dtype_groups(batch, lambda it: _state_slots(it, hp)):
+        geo = group.geo
+        partials = group.partials(2).zero_()  # left as zeros when the kernel returns at once
+        launch(_start_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(4), geo.slot(5), geo.numels, geo.block_tensor,
+               geo.block_start, c, flag, partials, X=group.tl_dtype, ACC=group.acc, BLOCK=geo.block, **_flags(hp))
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts)
+
+
+def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+    hp = opt.param_groups[0]
+    decay = batch.per_item("weight_decay")
+    averaging = batch.vector((hp["momentum"], 1.0 - hp["momentum"]))
+    parts = []
+    for group in dtype_groups(batch, lambda it: _state_slots(it, hp)):
+        geo = group.geo
+        partials = group.partials(3)
+        launch(_step_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
+               geo.block_start, c, group.take(decay), dlr, averaging, ok_flag(batch), partials,
+               X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=hp["momentum"] > 0,
+               BLOCK=geo.block, **_flags(hp))
+        parts.append((group, reduce_partials(group, partials, max_columns=(2,))))
+    return assemble(batch, parts)

@@ -1,0 +1,107 @@
+"""PS-SPS (methods/ps_sps.py) as fused passes.
+
+Stats pass (R 8: g, v; nothing written): Σ g²/α² per tensor, α from this step's v in registers.
+Apply pass (R 16: g, x, v, m; W 12): v, m updated; x ← x − c_t (u + wd x), u = g/α² (or m̂/α²).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+from .scaling import adam_scale, direction
+
+
+@triton.jit
+def _load_scale(it_g, v_ptr, vmax_ptr, offs, mask, c, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                SCALED: tl.constexpr, AMSGRAD: tl.constexpr):
+    if SCALED:
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        vmax = v
+        if AMSGRAD:
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+        v_new, vmax_new, alpha_sq, _ = adam_scale(it_g, v, vmax, c, ACC, AMSGRAD)
+    else:
+        v_new = tl.zeros([BLOCK], ACC)
+        vmax_new = v_new
+        alpha_sq = tl.full([BLOCK], 1.0, ACC)
+    return v_new, vmax_new, alpha_sq
+
+
+@triton.jit
+def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, partials, X: tl.constexpr,
+                  ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    _, _, alpha_sq = _load_scale(g, tl.load(v_ptrs + t).to(tl.pointer_type(ACC)),
+                                 tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC)), offs, mask, c, BLOCK, ACC,
+                                 SCALED, AMSGRAD)
+    tl.store(partials + pid, tl.sum(g * g / alpha_sq, axis=0))
+
+
+@triton.jit
+def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, coef, decay_vec,
+                  ok, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
+                  HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+    if tl.load(ok) == 0:
+        return
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    mask = offs < tl.load(numels + t)
+    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+    x = tl.load(x_ptr + offs, mask=mask).to(ACC)
+    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    v_new, vmax_new, alpha_sq = _load_scale(g, v_ptr, vmax_ptr, offs, mask, c, BLOCK, ACC, SCALED, AMSGRAD)
+    if SCALED:
+        tl.store(v_ptr + offs, v_new, mask=mask)
+        if AMSGRAD:
+            tl.store(vmax_ptr + offs, vmax_new, mask=mask)
+    m = tl.zeros([BLOCK], ACC)
+    if HAS_M:
+        m = tl.load(m_ptr + offs, mask=mask)
+    m_new, u = direction(g, m, alpha_sq, c, ACC, HAS_M)
+    if HAS_M:
+        tl.store(m_ptr + offs, m_new, mask=mask)
+    u = u + tl.load(decay_vec + t).to(ACC) * x
+    tl.store(x_ptr + offs, (x - tl.load(coef + t).to(ACC) * u).to(X), mask=mask)
+
+
+def _slots(it):
+    st = it.state
+    v = st.get("exp_avg_sq", it.g)
+    return (it.p, it.g, st.get("exp_avg", v), v, st.get("max_exp_avg_sq", v))
+
+
+def _flags(hp):
+    return dict(SCALED=hp["scaling"] == "adam", AMSGRAD=hp["amsgrad"] and hp["scaling"] == "adam")
+
+
+def pssps_stats(opt, batch, c: torch.Tensor) -> torch.Tensor:
+    hp = opt.param_groups[0]
+    parts = []
+    for group in dtype_groups(batch, _slots):
+        geo = group.geo
+        partials = group.partials(1)
+        launch(_stats_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(3), geo.slot(4), geo.numels, geo.block_tensor,
+               geo.block_start, c, partials, X=group.tl_dtype, ACC=group.acc, BLOCK=geo.block, **_flags(hp))
+        parts.append((group, reduce_partials(group, partials)))
+    return assemble(batch, parts)
+
+
+def pssps_apply(opt, batch, c: torch.Tensor, coef: torch.Tensor) -> None:
+    hp = opt.param_groups[0]
+    decay = batch.per_item("weight_decay")
+    for group in dtype_groups(batch, _slots):
+        geo = group.geo
+        launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
+               geo.block_start, c, group.take(coef), group.take(decay), ok_flag(batch), X=group.tl_dtype,
+               ACC=group.acc, HAS_M=hp["betas"][0] > 0, BLOCK=geo.block, **_flags(hp))
