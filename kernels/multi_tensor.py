@@ -36,6 +36,8 @@ launch_count = 0
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     global launch_count
+    if grid[0] == 0:  # only zero-element tensors: nothing to do (and CUDA rejects empty grids)
+        return
     launch_count += 1
     kernel[grid](*args, **kwargs)
 
@@ -135,24 +137,6 @@ def geometry(slots: Sequence[Sequence[torch.Tensor]], block: int = DEFAULT_BLOCK
     return geo
 
 
-_vectors: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-
-
-def per_tensor_vector(values: Sequence[float], device: torch.device, dtype=torch.float64) -> torch.Tensor:
-    """A cached device vector of per-tensor coefficients (a group's eps, weight decay, ...)."""
-    key = (tuple(values), device, dtype)
-    vec = _vectors.get(key)
-    if vec is None:
-        host = torch.tensor(list(values), dtype=dtype)
-        vec = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
-        _vectors[key] = vec
-        if len(_vectors) > _CACHE_SIZE:
-            _vectors.popitem(last=False)
-    else:
-        _vectors.move_to_end(key)
-    return vec
-
-
 @triton.jit
 def _segment_reduce_kernel(partials, block_first, out, K: tl.constexpr, MAX_MASK: tl.constexpr,
                            CHUNK: tl.constexpr):
@@ -190,7 +174,3 @@ def per_tensor(partials: torch.Tensor, geo: Geometry, max_columns: Sequence[int]
     mask = sum(1 << c for c in max_columns)
     launch(_segment_reduce_kernel, (geo.n_tensors,), partials, geo.block_first, out, K=k, MAX_MASK=mask, CHUNK=128)
     return out
-
-
-def new_partials(geo: Geometry, k: int, dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.empty((geo.n_blocks, k), dtype=dtype, device=device)

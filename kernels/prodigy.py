@@ -86,8 +86,8 @@ def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tenso
     hp = opt.param_groups[0]
     beta1, beta2 = hp["betas"]
     beta3 = hp["beta3"] if hp["beta3"] is not None else beta2 ** 0.5
-    coeffs = torch.stack([d.new_tensor(beta1), d * (1 - beta1), d.new_tensor(beta2), d * d * (1 - beta2),
-                          d.new_tensor(beta3)])
+    coeffs = torch.stack([torch.full_like(d, beta1), d * (1 - beta1), torch.full_like(d, beta2),
+                          d * d * (1 - beta2), torch.full_like(d, beta3)])
     weight = torch.where(batch.vector(float(it.group["safeguard_warmup"]) for it in batch.items) != 0, d, dlr)
     s_coef = (d / batch.per_item("d0")) * weight
     slices = batch.index(it.group["slice_p"] for it in batch.items)

@@ -83,7 +83,7 @@ class StepBatch:
             return self
         sub = StepBatch([self.items[i] for i in keep], self.loss, self.device, self.optimizer, self.ok)
         if "grad_sq" in self.__dict__:
-            sub.__dict__["grad_sq"] = self.grad_sq[keep] if keep else self.grad_sq[:0]
+            sub.__dict__["grad_sq"] = self.grad_sq.index_select(0, self.index(keep))
         return sub
 
     def vector(self, values: Iterable[float]) -> torch.Tensor:
@@ -254,7 +254,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         In-place writes keep the tensor's storage fixed, which is what CUDA-graph replay needs.
         """
         dst = self._scalar_store[name] if index is None else self._scalar_store[name][index]
-        value = torch.as_tensor(value, dtype=torch.float64, device=dst.device)
+        value = value.to(torch.float64) if isinstance(value, torch.Tensor) else torch.full_like(dst, value)
         dst.copy_(torch.where(ok, value, dst))
 
     def _set_at(self, name: str, index: torch.Tensor, values: torch.Tensor, ok: torch.Tensor) -> None:

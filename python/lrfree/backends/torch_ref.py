@@ -74,8 +74,10 @@ def l1(t: torch.Tensor) -> torch.Tensor:
 def safe_div(num: torch.Tensor, den: torch.Tensor, fallback: float | torch.Tensor = 0.0) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else ``fallback``: the device form of a guarded division."""
     den_pos = den > 0
-    return torch.where(den_pos, num / torch.where(den_pos, den, torch.ones_like(den)),
-                       torch.as_tensor(fallback, dtype=num.dtype, device=num.device))
+    quotient = num / torch.where(den_pos, den, torch.ones_like(den))
+    # a device fill, not a host-to-device copy: steps must stay capturable in CUDA graphs
+    other = fallback if isinstance(fallback, torch.Tensor) else torch.full_like(quotient, fallback)
+    return torch.where(den_pos, quotient, other)
 
 
 def sgd_apply_(batch, coef: torch.Tensor, decay: torch.Tensor | None = None,

@@ -84,8 +84,8 @@ class DAdaptSGD(DAdaptBase):
         S, ok = self.S, batch.ok
         hp = self.param_groups[0]
         lr = self._shared_lr()
-        adapting = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]
-        g0_norm, dlr = self._step_size(lr, batch.reduce(batch.grad_sq[adapting]))
+        adapting = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])
+        g0_norm, dlr = self._step_size(lr, adapting.reduce(adapting.grad_sq))
         # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s and x updated
         stats = self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"])
         s_sq = batch.reduce(stats[:, 1])
