@@ -188,3 +188,19 @@ def test_mixed_dtypes_and_a_frozen_group(name):
         for a, b in zip(fused_params, ref_params):
             tol = 1e-5 if a.dtype == torch.float32 else 2 ** -7
             assert rel_err(a.detach().float(), b.detach().float()) <= tol, (t, a.dtype, a.shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_element_parameters(backend):
+    empty = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
+    w = torch.ones(5, device=DEVICE, requires_grad=True)
+    for name in ("PSDASGD", "Prodigy", "InexactPolyak", "LDoG"):
+        only_empty = FUSED[name]([empty], backend=backend)
+        empty.grad = torch.zeros_like(empty)
+        only_empty.step(loss=torch.tensor(1.0, device=DEVICE))
+        opt = FUSED[name]([empty, w], backend=backend)
+        loss = (w * w).sum()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        assert torch.isfinite(w).all() and empty.numel() == 0
+        w.grad = None

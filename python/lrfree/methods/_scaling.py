@@ -85,7 +85,8 @@ class ScaledStep:
 
     def max_scale_ratio(self, t: torch.Tensor) -> torch.Tensor:
         """max_j α_{t−1,j} / α_{t,j} (1 at the first step, where α_{t−1} is undefined)."""
-        ratio = (self.alpha_sq_prev / self.alpha_sq).max().sqrt().to(torch.float64)
+        ratios = (self.alpha_sq_prev / self.alpha_sq).reshape(-1)
+        ratio = torch.cat([ratios, ratios.new_ones(1)]).max().sqrt().to(torch.float64)  # 1 for an empty tensor
         return torch.where(t > 1, ratio, torch.ones_like(ratio))
 
     def commit(self, ok: torch.Tensor) -> None:

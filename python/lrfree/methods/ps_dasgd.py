@@ -111,7 +111,8 @@ class PSDASGD(DAdaptBase):
                                           sum(it.p.numel() for it in sub.items))
         # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated
         stats = self._pass("psdasgd_step")(sub, coefficients, dlr)
-        ratio = torch.where(t > 1, stats[:, 2].max().sqrt().clamp_min(1.0), torch.ones_like(t))
+        # (a tensor without elements reduces to max = -inf: clamp before the square root)
+        ratio = torch.where(t > 1, stats[:, 2].max().clamp_min(1.0).sqrt(), torch.ones_like(t))
         weighted_sq = sub.reduce(stats[:, 1])
         proceed = ok & (weighted_sq > 0)
         new = self._rule(lr, d, sub.reduce(dlr * stats[:, 0], start=S["numerator"] / ratio), weighted_sq)
