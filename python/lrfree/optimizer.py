@@ -195,6 +195,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, batch: StepBatch) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
+        """A 0-d tensor that is finite exactly when every gradient element is: Σg² in fp64 by default.
+        A method whose first pass reads every gradient anyway may return its own statistic instead
+        and save the guard's pass."""
+        return batch.grad_sq.sum()
+
     # ------------------------------------------------------------------ dtype policy
     @staticmethod
     def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -341,8 +347,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._sync_store()
         batch = StepBatch(items=items, loss=loss_t, device=self.device, optimizer=self)
         if self.skip_nonfinite:
-            # Σg² in fp64 is finite exactly when every gradient element is
-            ok = torch.isfinite(batch.grad_sq.sum())
+            ok = torch.isfinite(self._finite_witness(batch))
             batch.ok = ok & torch.isfinite(loss_t) if loss_t is not None else ok
         else:
             batch.ok = torch.ones((), dtype=torch.bool, device=self.device)

@@ -86,11 +86,22 @@ class PSSPS(FusedOptimizer):
         ref = torch.where(scaled_sq > 0, eta, S["smooth_ref"])
         return {"step_size": eta, "smooth_ref": ref, "scaled_grad_norm": scaled_sq.sqrt()}
 
+    def _stats(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coefficients, ‖g/α‖²): the stats pass, once per step (α from this step's v, nothing written)."""
+        if not hasattr(batch, "_pssps_stats"):
+            coefficients = scale_coefficients(self.param_groups[0], self.S["steps"] + 1)
+            scaled_sq = batch.reduce(self._pass("pssps_stats")(batch, coefficients)[:, 0])
+            batch._pssps_stats = (coefficients, scaled_sq)
+        return batch._pssps_stats
+
+    def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
+        # ‖g/α‖² is non-finite whenever a gradient element is (or its square overflows the state's
+        # precision, a step no Adam-style rule could take), so the stats pass doubles as the guard
+        return self._stats(batch)[1]
+
     def _update(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
-        coefficients = scale_coefficients(self.param_groups[0], S["steps"] + 1)
-        # stats pass: ‖g/α‖² per tensor (α from this step's v, nothing written)
-        scaled_sq = batch.reduce(self._pass("pssps_stats")(batch, coefficients)[:, 0])
+        coefficients, scaled_sq = self._stats(batch)
         new = self._rule(batch.loss, scaled_sq)
         # apply pass: v, m and x updated
         self._pass("pssps_apply")(batch, coefficients, new["step_size"] * batch.per_item("lr"))
