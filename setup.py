@@ -1,7 +1,7 @@
 """Build and install lrfree.
 
 The Python package lives in ``python/lrfree`` and the Triton kernels in ``kernels/`` (installed as
-``lrfree.kernels``). The optional CUDA extension in ``csrc/`` is compiled only when asked for with
+``lrfree.kernels``; Triton is a dependency on Linux). The optional CUDA extension in ``csrc/`` is compiled only when asked for with
 ``LRFREE_BUILD_CUDA=1`` and a CUDA toolkit is present.
 """
 
@@ -40,9 +40,8 @@ setup(
     python_requires=">=3.10",
     package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels"},
     packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels"],
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "triton": ["triton>=3.0"],
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *REFERENCE_PACKAGES],
         "demo": ["tqdm>=4.60", "matplotlib>=3.5"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", *REFERENCE_PACKAGES],
