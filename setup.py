@@ -1,8 +1,8 @@
 """Build and install lrfree.
 
 The Python package lives in ``python/lrfree`` and the Triton kernels in ``kernels/`` (installed as
-``lrfree.kernels``; Triton is a dependency on Linux). The optional CUDA extension in ``csrc/`` is compiled only when asked for with
-``LRFREE_BUILD_CUDA=1`` and a CUDA toolkit is present.
+``lrfree.kernels``; Triton is a dependency on Linux). The optional CUDA extension in ``csrc/`` is
+compiled only when asked for with ``LRFREE_BUILD_CUDA=1`` and a CUDA toolkit is present.
 """
 
 import os
