@@ -42,9 +42,10 @@ setup(
     packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels"],
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *REFERENCE_PACKAGES],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", *REFERENCE_PACKAGES],
         "demo": ["tqdm>=4.60", "matplotlib>=3.5"],
-        "bench": ["pytest>=7", "pytest-benchmark>=4", *REFERENCE_PACKAGES],
+        "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,
+                  "pytorch-optimizer==4.1.0"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -1,0 +1,85 @@
+"""Options and parametrization of the benchmark suite.
+
+``--bench-mode``: ``full`` (LLM sizes, the default on a GPU), ``quick`` (narrow models, the default on a
+CPU) or ``smoke`` (tiny; CI runs it with ``--benchmark-disable`` so the suite cannot rot). The Triton
+backend is timed only on a GPU; in smoke mode on a CPU it runs in Triton's interpreter, for coverage.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before lrfree.kernels is imported (smoke mode)
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pytest  # noqa: E402
+
+import contenders as C  # noqa: E402
+import environment  # noqa: E402
+import workloads as W  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("lrfree benchmarks")
+    group.addoption("--bench-mode", choices=("smoke", "quick", "full"), default=None,
+                    help="workload sizes (default: full on a GPU, quick on a CPU)")
+    group.addoption("--bench-device", default=None, help="device to benchmark on (default: cuda if available)")
+    group.addoption("--bench-only", default="",
+                    help="comma-separated substrings: run only contenders whose name contains one of them")
+
+
+def _settings(config):
+    device = torch.device(config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mode = config.getoption("--bench-mode") or ("full" if device.type == "cuda" else "quick")
+    return device, mode
+
+
+def _backends(device: torch.device, mode: str) -> tuple[str, ...]:
+    if device.type == "cuda" or mode == "smoke":
+        return ("torch", "triton")
+    return ("torch",)
+
+
+def pytest_generate_tests(metafunc):
+    if "case" not in metafunc.fixturenames:
+        return
+    device, mode = _settings(metafunc.config)
+    only = [s for s in metafunc.config.getoption("--bench-only").split(",") if s]
+    cases, ids = [], []
+    for workload in W.workloads(mode, environment.max_sweep_numel(device)):
+        if metafunc.function.__name__ == "test_copy":
+            cases.append((workload, None))
+            ids.append(f"{workload.label}/copy")
+            continue
+        for contender in C.contenders(_backends(device, mode), sweep=workload.sweep):
+            if only and not any(s in contender.name for s in only):
+                continue
+            cases.append((workload, contender))
+            ids.append(f"{workload.label}/{contender.name}")
+    metafunc.parametrize("case", cases, ids=ids)
+
+
+@pytest.fixture(scope="session")
+def bench_device(request):
+    return _settings(request.config)[0]
+
+
+@pytest.fixture(scope="session")
+def bench_mode(request):
+    return _settings(request.config)[1]
+
+
+@pytest.fixture(scope="session")
+def rounds(bench_mode):
+    """(timed rounds, warm-up rounds) per benchmark."""
+    return {"smoke": (2, 1), "quick": (10, 2), "full": (30, 5)}[bench_mode]
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    device, mode = _settings(config)
+    machine_info["lrfree"] = {**environment.describe(device), "mode": mode}

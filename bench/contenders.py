@@ -1,0 +1,107 @@
+"""Everything the suite times: lrfree methods × backends, torch's Adam/AdamW, and the official packages.
+
+A contender names the *method* it implements, so the report can put lrfree's DAdaptAdam next to the
+``dadaptation`` package's and use the method's minimal bytes (roofline.MINIMAL) for everyone. The
+official packages are optional: a contender whose package is not installed is skipped with that reason.
+Hyperparameters are each method's defaults, except where a method has no default (a horizon, a learning
+rate for the fixed-lr baselines) — the values below are typical and do not change the work per step.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+import lrfree
+
+# methods whose constructor needs an argument the class does not default
+LRFREE_KWARGS: dict[str, dict[str, Any]] = {
+    "InexactPolyak": {"T": 10_000},
+    "ClippedSGD": {"lr": 1e-2, "max_norm": 1.0},
+    "Adam": {"lr": 1e-3},
+    "AdamW": {"lr": 1e-3, "weight_decay": 0.1},
+}
+LRFREE_METHODS = ["InexactPolyak", "SPS", "DecSPS", "AdaSPS", "ClippedSGD", "DoG", "LDoG", "DAdaptSGD",
+                  "DAdaptAdam", "Prodigy", "COCOB", "Adam", "AdamW", "PSSPS", "PSDASGD"]
+
+# The methods the scaling sweep runs (one fused backend each, plus torch's fused AdamW).
+SWEEP_METHODS = ("AdamW", "PSDASGD", "PSSPS", "InexactPolyak", "DAdaptAdam", "Prodigy")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    method: str                # key of roofline.MINIMAL
+    family: str                # "lrfree", "torch" or "official"
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer] = field(compare=False)
+    backend: str = ""          # lrfree backend, or the torch implementation ("fused", "foreach")
+    package: str = ""          # module the contender needs (official packages)
+    needs_loss: bool = False
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        if self.needs_loss:
+            opt.step(loss=loss)
+        else:
+            opt.step()
+
+    def unavailable(self) -> str | None:
+        """Why this contender cannot run here (a missing package), or None."""
+        if self.package:
+            try:
+                importlib.import_module(self.package)
+            except ImportError as exc:
+                return f"{self.package} is not installed ({exc}); pip install lrfree[bench]"
+        return None
+
+
+def _lrfree(method: str, backend: str) -> Contender:
+    cls = getattr(lrfree, method)
+    kwargs = LRFREE_KWARGS.get(method, {})
+    return Contender(f"lrfree.{method}[{backend}]", method, "lrfree",
+                     lambda params: cls(params, backend=backend, **kwargs), backend=backend,
+                     needs_loss=cls.requires_loss)
+
+
+def _torch(method: str, impl: str) -> Contender:
+    cls = getattr(torch.optim, method)
+    kwargs = {"lr": 1e-3, **({"weight_decay": 0.1} if method == "AdamW" else {}), impl: True}
+    return Contender(f"torch.optim.{method}({impl}=True)", method, "torch", lambda params: cls(params, **kwargs),
+                     backend=impl)
+
+
+def _official(package: str, attr: str, method: str, **kwargs) -> Contender:
+    def make(params):
+        return getattr(importlib.import_module(package), attr)(params, **kwargs)
+    return Contender(f"{package}.{attr}", method, "official", make, package=package)
+
+
+OFFICIAL = [
+    _official("dadaptation", "DAdaptSGD", "DAdaptSGD"),
+    _official("dadaptation", "DAdaptAdam", "DAdaptAdam"),
+    _official("prodigyopt", "Prodigy", "Prodigy"),
+    _official("dog", "DoG", "DoG"),
+    _official("dog", "LDoG", "LDoG"),
+    _official("parameterfree", "COCOB", "COCOB"),
+    _official("pytorch_optimizer", "DAdaptSGD", "DAdaptSGD"),
+    _official("pytorch_optimizer", "DAdaptAdam", "DAdaptAdam"),
+    _official("pytorch_optimizer", "Prodigy", "Prodigy"),
+]
+# The implementation each method's speed-up is quoted against (the one its oracle tests compare with).
+CANONICAL_OFFICIAL = {"DAdaptSGD": "dadaptation.DAdaptSGD", "DAdaptAdam": "dadaptation.DAdaptAdam",
+                      "Prodigy": "prodigyopt.Prodigy", "DoG": "dog.DoG", "LDoG": "dog.LDoG",
+                      "COCOB": "parameterfree.COCOB"}
+BASELINE = "torch.optim.AdamW(fused=True)"
+
+
+def contenders(backends: tuple[str, ...], sweep: bool = False) -> list[Contender]:
+    """Every contender for one workload (``sweep``: the reduced set the scaling sweep runs)."""
+    torch_ones = [_torch("AdamW", "fused"), _torch("AdamW", "foreach"), _torch("Adam", "fused"),
+                  _torch("Adam", "foreach")]
+    if sweep:
+        fused_backend = backends[-1]
+        return [torch_ones[0]] + [_lrfree(m, fused_backend) for m in SWEEP_METHODS] + \
+            [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
+    return torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends] + OFFICIAL

@@ -1,0 +1,89 @@
+"""Bytes each method must move per parameter element, and what the fused kernels actually move.
+
+A step is memory-bound: its speed limit is (bytes moved per element) × (elements) / (copy bandwidth).
+``MINIMAL`` is the lower bound of ALGORITHMS §0.1 for each method's default configuration, counted with
+fp32 parameters, gradients and state; ``FUSED`` is what lrfree's Triton kernels load and store, non-finite
+guard included (derived from the kernels, not measured). The benchmark's "% of roofline" always uses
+``MINIMAL``, so extra passes of any implementation — ours or a reference package's — show up as lost
+bandwidth instead of being excused.
+
+For 16-bit parameters only the parameter and gradient traffic halves (optimizer state stays fp32; DoG's x0
+is kept in the parameter dtype and counts as parameter traffic), so each entry also says how many times a
+step touches a parameter-dtype element (read or write) and a gradient element.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Traffic:
+    fp32_bytes: int      # R+W bytes per element with fp32 params, grads and state
+    param_touches: int   # parameter reads + writes per element
+    grad_touches: int    # gradient reads per element
+    passes: int = 1      # streaming sweeps over the parameters
+    note: str = ""
+
+    def bytes_per_element(self, param_bytes: int) -> int:
+        """Bytes per element when params and grads are stored with ``param_bytes`` bytes each."""
+        saved = (4 - param_bytes) * (self.param_touches + self.grad_touches)
+        return self.fp32_bytes - saved
+
+
+# ALGORITHMS §0.1, default configuration of each lrfree class.
+MINIMAL: dict[str, Traffic] = {
+    "copy": Traffic(8, 1, 1, 1, "read one buffer, write another: the bandwidth the roofline is measured by"),
+    "InexactPolyak": Traffic(16, 2, 2, 2, "Σg², then x ← x − η g"),
+    "SPS": Traffic(16, 2, 2, 2),
+    "DecSPS": Traffic(16, 2, 2, 2),
+    "AdaSPS": Traffic(16, 2, 2, 2),
+    "ClippedSGD": Traffic(16, 2, 2, 2, "Σg², then the clipped step (no momentum)"),
+    "DoG": Traffic(20, 3, 2, 2, "Σg²; the update reduces ‖x − x0‖² on the fly (x0 kept in the param dtype)"),
+    "LDoG": Traffic(20, 3, 2, 2),
+    "DAdaptSGD": Traffic(24, 2, 1, 1, "state s, x0"),
+    "DAdaptAdam": Traffic(36, 2, 1, 1, "state s, m, v"),
+    "Prodigy": Traffic(52, 3, 1, 2, "state s, x0, m, v; ε uses the new d, so x is read in both passes"),
+    "COCOB": Traffic(48, 2, 1, 1, "state θ, G, L, reward read+write, x0 read"),
+    "Adam": Traffic(28, 2, 1, 1, "state m, v"),
+    "AdamW": Traffic(28, 2, 1, 1, "state m, v"),
+    "PSSPS": Traffic(28, 2, 2, 2, "β1 = 0: state v; Σ(g/α)², then the scaled step"),
+    "PSDASGD": Traffic(36, 2, 1, 1, "β1 = 0.9: state v, m, s (+x0 read); the shrink feeds the next d"),
+}
+
+# What lrfree's fused (Triton) step moves in the same configuration, guard included.
+FUSED: dict[str, Traffic] = {
+    "InexactPolyak": Traffic(16, 2, 2, 2, "the Σg² pass is also the guard"),
+    "SPS": Traffic(16, 2, 2, 2),
+    "DecSPS": Traffic(16, 2, 2, 2),
+    "AdaSPS": Traffic(16, 2, 2, 2),
+    "ClippedSGD": Traffic(16, 2, 2, 2),
+    "DoG": Traffic(28, 4, 3, 3, "‖x − x0‖² is reduced in its own pass"),
+    "LDoG": Traffic(28, 4, 3, 3),
+    "DAdaptSGD": Traffic(28, 2, 2, 2, "guard pass (it also gives ‖g0‖)"),
+    "DAdaptAdam": Traffic(40, 2, 2, 2, "guard pass"),
+    "Prodigy": Traffic(56, 3, 2, 3, "guard pass"),
+    "COCOB": Traffic(52, 2, 2, 2, "guard pass"),
+    "Adam": Traffic(32, 2, 2, 2, "guard pass"),
+    "AdamW": Traffic(32, 2, 2, 2, "guard pass"),
+    "PSSPS": Traffic(28, 2, 2, 2, "the stats pass is also the guard"),
+    "PSDASGD": Traffic(40, 2, 2, 2, "guard pass; the start pass returns at once after step 0"),
+}
+
+
+def minimal_bytes(method: str, param_bytes: int) -> int:
+    return MINIMAL[method].bytes_per_element(param_bytes)
+
+
+def fused_bytes(method: str, param_bytes: int) -> int | None:
+    traffic = FUSED.get(method)
+    return None if traffic is None else traffic.bytes_per_element(param_bytes)
+
+
+def achieved_bandwidth(bytes_per_element: int, numel: int, seconds: float) -> float:
+    """Bytes per second a step moving ``bytes_per_element`` for each of ``numel`` elements achieves."""
+    return bytes_per_element * numel / seconds
+
+
+def percent_of_roofline(bytes_per_element: int, numel: int, seconds: float, copy_bandwidth: float) -> float:
+    return 100.0 * achieved_bandwidth(bytes_per_element, numel, seconds) / copy_bandwidth
