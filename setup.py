@@ -30,6 +30,23 @@ REFERENCE_PACKAGES = [
     "parameterfree==0.0.1",
 ]
 
+
+def extensions() -> dict:
+    """The compiled CUDA extension ``lrfree._cuda``, only when asked for (``LRFREE_BUILD_CUDA=1``). Without
+    it, ``backend="cuda"`` compiles the same sources on first use (torch.utils.cpp_extension + ninja)."""
+    if os.environ.get("LRFREE_BUILD_CUDA") != "1":
+        return {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    if CUDA_HOME is None:
+        raise RuntimeError("LRFREE_BUILD_CUDA=1 needs a CUDA toolkit (nvcc); none was found")
+    ext = CUDAExtension(
+        name="lrfree._cuda", sources=["csrc/bindings.cpp", "csrc/cuda_launch.cu"],
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-ffp-contract=off"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--fmad=false"]})
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
+
 setup(
     name="lrfree",
     version=read_version(),
@@ -38,15 +55,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels"},
-    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels"],
+    package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels", "lrfree.csrc": "csrc"},
+    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels", "lrfree.csrc"],
+    package_data={"lrfree.csrc": ["*.cuh", "*.h", "*.cpp", "*.cu"]},
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", *REFERENCE_PACKAGES],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "ninja", "pybind11",
+                 *REFERENCE_PACKAGES],
         "demo": ["tqdm>=4.60", "matplotlib>=3.5"],
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,
                   "pytorch-optimizer==4.1.0"],
     },
+    **extensions(),
     classifiers=[
         "Programming Language :: Python :: 3",
         "Intended Audience :: Science/Research",

@@ -101,7 +101,15 @@ def contenders(backends: tuple[str, ...], sweep: bool = False) -> list[Contender
     torch_ones = [_torch("AdamW", "fused"), _torch("AdamW", "foreach"), _torch("Adam", "fused"),
                   _torch("Adam", "foreach")]
     if sweep:
-        fused_backend = backends[-1]
-        return [torch_ones[0]] + [_lrfree(m, fused_backend) for m in SWEEP_METHODS] + \
+        fused = [b for b in backends if b != "torch"] or ["torch"]
+        return [torch_ones[0]] + [_lrfree(m, b) for m in SWEEP_METHODS for b in fused if covered(m, b)] + \
             [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
-    return torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends] + OFFICIAL
+    return torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)] + OFFICIAL
+
+
+def covered(method: str, backend: str) -> bool:
+    """The compiled extension runs only the methods whose kernels it has."""
+    if backend != "cuda":
+        return True
+    from lrfree.backends import cuda_ext
+    return getattr(lrfree, method).kernels in cuda_ext.COVERED_MODULES

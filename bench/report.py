@@ -263,6 +263,27 @@ def targets_table(run: Run | None) -> list[str]:
     return lines
 
 
+def backend_table(run: Run) -> list[str]:
+    """Per method, Triton against the compiled extension on the largest fp32 workload: what ``"auto"``
+    should pick (lrfree.backends.AUTO_PREFERS_CUDA records the methods where the extension won)."""
+    named = [w for w in run.workloads() if w.endswith("float32")]
+    if not named:
+        return []
+    main = max(named, key=lambda w: run.rows_of(w)[0].numel)
+    lines = []
+    for method in TRITON_METHODS:
+        triton, cuda = run.find(main, f"lrfree.{method}[triton]"), run.find(main, f"lrfree.{method}[cuda]")
+        if triton is None or cuda is None:
+            continue
+        winner = "cuda" if cuda.median < triton.median else "triton"
+        lines.append(f"| {method} | {_time(triton.median)} | {_time(cuda.median)} | {triton.median / cuda.median:.2f} | "
+                     f"{winner} |")
+    if not lines:
+        return []
+    return [f"**Fused backends on {main}**: Triton against the compiled CUDA extension.", "",
+            "| method | triton | cuda | triton / cuda | faster |", "|---|---|---|---|---|", *lines, ""]
+
+
 # ----------------------------------------------------------------------------------------------- charts
 
 def charts(run: Run) -> list[str]:
@@ -368,6 +389,8 @@ def render(runs: list[Run], chart_paths: dict[str, list[str]], out_path: str) ->
                       "implementations of the same math on the same device.", ""]
         for workload in run.workloads():
             lines += workload_table(run, workload) + [""]
+        if run.device_type == "cuda":
+            lines += backend_table(run)
         lines += sweep_table(run) + [""]
         for path in chart_paths.get(run.path, []):
             lines += [f"![{os.path.basename(path)}]({os.path.relpath(path, out_dir)})", ""]

@@ -87,7 +87,8 @@ def test_step(benchmark, case, bench_device, rounds):
         contender.step(opt, data.loss)
 
     describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend)
-    fused = roofline.fused_bytes(contender.method, workload.param_bytes) if contender.backend == "triton" else None
+    fused = (roofline.fused_bytes(contender.method, workload.param_bytes)
+             if contender.backend in ("triton", "cuda") else None)
     benchmark.extra_info.update({
         "implemented_bytes_per_element": fused,
         "host_syncs_per_step": measure.host_syncs(counts),

@@ -13,6 +13,7 @@ so the same step run twice is bit-identical.
 
 from __future__ import annotations
 
+import contextvars
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -34,12 +35,21 @@ _CACHE_SIZE = 64
 launch_count = 0
 
 
+# Where launches go: None runs the Triton kernel; backend="cuda" sets a callable that runs the compiled
+# extension's kernel of the same name with the same arguments instead (lrfree.backends.cuda_ext).
+kernel_target: contextvars.ContextVar = contextvars.ContextVar("lrfree_kernel_target", default=None)
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     global launch_count
     if grid[0] == 0:  # only zero-element tensors: nothing to do (and CUDA rejects empty grids)
         return
     launch_count += 1
-    kernel[grid](*args, **kwargs)
+    target = kernel_target.get()
+    if target is not None:
+        target(kernel, grid, args, kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @dataclass(frozen=True, eq=False)

@@ -7,6 +7,8 @@ if not torch.cuda.is_available():
     # Without a GPU the Triton kernels run in Triton's CPU interpreter; this must be set before
     # lrfree.kernels is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # and backend="cuda" runs the extension's host build (the GPU launch emulated on the CPU)
+    os.environ.setdefault("LRFREE_CUDA_HOST", "1")
 
 import pytest  # noqa: E402
 

@@ -1,7 +1,9 @@
-"""Every method's fused (Triton) backend against the torch reference backend.
+"""Every method's fused backends (Triton, and the compiled extension where it covers the method) against
+the torch reference backend.
 
-Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set in conftest);
-with one they run on CUDA. Accuracy follows the project's rule: from the same parameters, the fused
+Without a GPU the Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``) and the
+extension's kernels in its host build, a CPU emulation of the GPU launch (``LRFREE_CUDA_HOST=1``; both set
+in conftest); with a GPU both run on CUDA. Accuracy follows the project's rule: from the same parameters, the fused
 step's error against an fp64 reference step may be at most 2× the error of the torch backend computed in
 the same low precision (plus a floor of a few units in the last place). In fp64 the two backends agree
 to 1e-12. The tensor set is the awkward model plus a tensor that spans several kernel blocks.
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import lrfree
+from lrfree.backends import cuda_ext
 from awkward import loss_fn, make_params, param_groups
 from conftest import rel_err
 
@@ -56,6 +59,23 @@ GROUP1 = {  # per-group options that exercise per-tensor coefficient vectors
     "PSSPS": {"weight_decay": 1e-2, "lr": 0.5},
 }
 FLOOR = {torch.float32: 4e-7, torch.bfloat16: 8e-3, torch.float64: 0.0}
+
+
+def method(name):
+    return getattr(lrfree, name.split("-")[0])
+
+
+def fused_cases(names):
+    """(name, backend) for Triton and, where the extension covers the method, the extension."""
+    return [pytest.param(n, b, id=f"{n}-{b}") for b in ("triton", "cuda") for n in sorted(names)
+            if b == "triton" or method(n).kernels in cuda_ext.COVERED_MODULES]
+
+
+def need(backend):
+    if backend == "cuda":
+        reason = cuda_ext.unavailable_reason("cuda" if DEVICE == "cuda" else "host")
+        if reason:
+            pytest.skip(reason)
 STEPS = 4
 
 
@@ -82,12 +102,13 @@ def sync(dst, src):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("name", sorted(FUSED))
-def test_fused_error_is_at_most_twice_the_reference_error(name, dtype):
+@pytest.mark.parametrize("name, backend", fused_cases(FUSED))
+def test_fused_error_is_at_most_twice_the_reference_error(name, backend, dtype):
+    need(backend)
     truth_p, truth = make(name, torch.float64, "torch")
     ref_p, ref = make(name, dtype, "torch")
-    fused_p, fused = make(name, dtype, "triton")
-    assert fused.backend == "triton"
+    fused_p, fused = make(name, dtype, backend)
+    assert fused.backend == backend
     for t in range(STEPS):
         sync(ref_p, truth_p)
         sync(fused_p, truth_p)
@@ -101,10 +122,11 @@ def test_fused_error_is_at_most_twice_the_reference_error(name, dtype):
                 f"step {t}: {k} fused error {fused_err:.2e} vs reference error {ref_err:.2e}")
 
 
-@pytest.mark.parametrize("name", sorted(FUSED))
-def test_fp64_backends_agree(name):
+@pytest.mark.parametrize("name, backend", fused_cases(FUSED))
+def test_fp64_backends_agree(name, backend):
+    need(backend)
     ref_p, ref = make(name, torch.float64, "torch")
-    fused_p, fused = make(name, torch.float64, "triton")
+    fused_p, fused = make(name, torch.float64, backend)
     for t in range(STEPS):
         sync(fused_p, ref_p)
         step(ref, ref_p, t)
@@ -116,20 +138,25 @@ def test_fp64_backends_agree(name):
             assert torch.allclose(fs[k].cpu(), rs[k].cpu(), rtol=1e-11, atol=0, equal_nan=True), (t, k)
 
 
-@pytest.mark.parametrize("name", sorted(FUSED))
-def test_fused_runs_are_bit_identical_and_skip_nonfinite_steps(name):
+@pytest.mark.parametrize("name, backend", fused_cases(FUSED))
+def test_fused_runs_are_bit_identical_and_skip_nonfinite_steps(name, backend):
+    need(backend)
     runs = []
     for _ in range(2):
-        params, opt = make(name, torch.float32, "triton")
+        params, opt = make(name, torch.float32, backend)
         for t in range(2):
             step(opt, params, t)
         before = {k: v.detach().clone() for k, v in params.items()}
+        state_before = [(p, k, v.clone()) for p, st in opt.state.items() for k, v in st.items()
+                        if isinstance(v, torch.Tensor)]
         opt.zero_grad()
         loss = loss_fn({k: v for k, v in params.items() if k != "wide"}, 9) + (params["wide"] ** 2).mean()
         loss.backward()
         params["wide"].grad.view(-1)[2500] = math.nan
         opt.step(loss=loss)
         assert all(torch.equal(before[k], params[k]) for k in params)
+        for p, k, v in state_before:  # nor is any state touched
+            assert torch.equal(opt.state[p][k], v), k
         assert float(opt.scalars()["skipped"]) == 1.0
         runs.append(params)
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
@@ -141,13 +168,15 @@ def test_every_optimizer_has_a_fused_path():
     assert {info.name for info in OPTIMIZERS} <= covered
 
 
-@pytest.mark.parametrize("name", ["InexactPolyak", "DoG", "LDoG", "DAdaptAdam", "Prodigy", "PSDASGD", "Adam"])
-def test_launches_do_not_grow_with_the_number_of_tensors(name):
+@pytest.mark.parametrize("name, backend", fused_cases(["InexactPolyak", "DoG", "LDoG", "DAdaptAdam", "Prodigy",
+                                                        "PSDASGD", "Adam"]))
+def test_launches_do_not_grow_with_the_number_of_tensors(name, backend):
     from lrfree.kernels import multi_tensor
+    need(backend)
 
     def launches(n_tensors):
         params = [torch.randn(37 + i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
-        opt = FUSED[name]([{"params": params}], backend="triton")
+        opt = FUSED[name]([{"params": params}], backend=backend)
         counts = []
         for _ in range(2):
             opt.zero_grad()
@@ -161,8 +190,8 @@ def test_launches_do_not_grow_with_the_number_of_tensors(name):
     assert launches(3) == launches(24) <= 8
 
 
-@pytest.mark.parametrize("name", ["DAdaptAdam", "Prodigy", "PSDASGD", "LDoG", "Adam", "COCOB"])
-def test_mixed_dtypes_and_a_frozen_group(name):
+@pytest.mark.parametrize("name, backend", fused_cases(["DAdaptAdam", "Prodigy", "PSDASGD", "LDoG", "Adam", "COCOB"]))
+def test_mixed_dtypes_and_a_frozen_group(name, backend):
     """fp32 and bf16 parameters in one optimizer (one launch each, results reassembled in order) and a
     group with lr = 0: the fused step matches the reference step from the same parameters."""
     def build(backend):
@@ -174,8 +203,9 @@ def test_mixed_dtypes_and_a_frozen_group(name):
                   {"params": frozen, "lr": 0.0 if name != "LDoG" else 1.0}]  # DoG rejects lr = 0
         return full + half + frozen, FUSED[name](groups, backend=backend)
 
+    need(backend)
     ref_params, ref = build("torch")
-    fused_params, fused = build("triton")
+    fused_params, fused = build(backend)
     for t in range(3):
         with torch.no_grad():
             for a, b in zip(fused_params, ref_params):
@@ -190,11 +220,14 @@ def test_mixed_dtypes_and_a_frozen_group(name):
             assert rel_err(a.detach().float(), b.detach().float()) <= tol, (t, a.dtype, a.shape)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_zero_element_parameters(backend):
+    need(backend)
     empty = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
     w = torch.ones(5, device=DEVICE, requires_grad=True)
     for name in ("PSDASGD", "Prodigy", "InexactPolyak", "LDoG"):
+        if backend == "cuda" and method(name).kernels not in cuda_ext.COVERED_MODULES:
+            continue
         only_empty = FUSED[name]([empty], backend=backend)
         empty.grad = torch.zeros_like(empty)
         only_empty.step(loss=torch.tensor(1.0, device=DEVICE))

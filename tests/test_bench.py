@@ -31,7 +31,9 @@ import lrfree  # noqa: E402
 def test_smoke_run_and_report(tmp_path):
     pytest.importorskip("matplotlib")
     json_path = tmp_path / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if not torch.cuda.is_available() else dict(os.environ)
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.update(TRITON_INTERPRET="1", LRFREE_CUDA_HOST="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", BENCH, "-q", "-p", "no:cacheprovider", "--bench-mode=smoke",
                            "--bench-device=cpu", f"--benchmark-json={json_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -40,7 +42,7 @@ def test_smoke_run_and_report(tmp_path):
     out = tmp_path / "RESULTS.md"
     assert report.main([str(json_path), "--out", str(out)]) == 0
     text = out.read_text()
-    expected = [c for c in contenders.contenders(("torch", "triton")) if c.unavailable() is None]
+    expected = [c for c in contenders.contenders(("torch", "triton", "cuda")) if c.unavailable() is None]
     for workload in workloads.workloads("smoke"):
         assert f"**{workload.label}**" in text
         section = text.split(f"**{workload.label}**", 1)[1].split("\n\n", 2)[1]
@@ -80,6 +82,8 @@ def test_report_arithmetic(tmp_path):
         _bench(w, "lrfree.DAdaptAdam[triton]", 4.5e-3),                                      # 36 B: 100%
         _bench(w, "dadaptation.DAdaptAdam", 22.5e-3, family="official", backend=""),        # 5× slower
         _bench(w, "lrfree.InexactPolyak[triton]", 2.5e-3, peak=0.5),                         # 16 B: 80%
+        _bench(w, "lrfree.PSDASGD[cuda]", 4e-3, backend="cuda"),                              # faster than triton
+        _bench(w, "lrfree.AdamW[cuda]", 4e-3, backend="cuda"),                                # slower than triton
     ]
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"datetime": "now", "benchmarks": benches, "machine_info": {"lrfree": {
@@ -107,6 +111,8 @@ def test_report_arithmetic(tmp_path):
     text = out.read_text()
     assert "| lrfree.PSDASGD[triton] | 5 ms | 36 | 7.2 | 90.0 | 1.25 |" in text
     assert "| PSDASGD (triton) ≤ 1.15× fused AdamW | 1.25 | **no** |" in text
+    assert "| PSDASGD | 5 ms | 4 ms | 1.25 | cuda |" in text
+    assert "| AdamW | 3.5 ms | 4 ms | 0.88 | triton |" in text
 
 
 def test_bytes_model():

@@ -22,11 +22,26 @@ def _grads(params, t):
     return loss.detach()
 
 
+def fused_backend(info, backend):
+    """Skips the extension's case where it does not cover the method or cannot be built here."""
+    if backend == "cuda":
+        from lrfree.backends import cuda_ext
+        if info.cls.kernels not in cuda_ext.COVERED_MODULES:
+            pytest.skip(f"the CUDA extension does not cover {info.name}")
+        reason = cuda_ext.unavailable_reason("cuda")
+        if reason:
+            pytest.skip(reason)
+    return backend
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_cuda_graph_replay_equals_eager(info):
+def test_cuda_graph_replay_equals_eager(info, backend):
+    fused_backend(info, backend)
     eager_p, graph_p = make_params(torch.float32, device="cuda"), make_params(torch.float32, device="cuda")
-    eager, graphed = info.make(param_groups(eager_p)), info.make(param_groups(graph_p))
-    assert graphed.backend == "triton"
+    eager = info.make(param_groups(eager_p), backend=backend)
+    graphed = info.make(param_groups(graph_p), backend=backend)
+    assert graphed.backend == backend
     for t in range(2):  # warm-up: lazy state, tables and caches are built outside the graph
         for params, opt in ((eager_p, eager), (graph_p, graphed)):
             opt.step(loss=_grads(params, t))

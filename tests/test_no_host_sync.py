@@ -106,10 +106,13 @@ def _kernel_modules():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_cuda_sync_debug_mode(info):
+def test_cuda_sync_debug_mode(info, backend):
+    from test_gpu import fused_backend
+    fused_backend(info, backend)
     params = make_params(torch.float32, device="cuda")
-    opt = info.make(param_groups(params))
+    opt = info.make(param_groups(params), backend=backend)
     for t in range(3):
         opt.zero_grad()
         loss = loss_fn(params, t)

@@ -222,8 +222,12 @@ def test_scalars_are_device_tensors_and_copies(info):
 
 def test_backend_selection(monkeypatch):
     p = [torch.zeros(2, requires_grad=True)]
-    with pytest.raises(NotImplementedError, match="CUDA extension"):
-        lrfree.PSDASGD(p, backend="cuda")
+    with pytest.raises(ValueError, match="backend='cuda' does not cover this method"):
+        lrfree.DoG(p, backend="cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("LRFREE_CUDA_HOST", "0")
+        with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors and the parameters are on cpu"):
+            lrfree.PSDASGD(p, backend="cuda")
     assert lrfree.PSDASGD(p, backend="auto").backend == ("triton" if torch.cuda.is_available() else "torch")
     assert lrfree.PSDASGD(p, backend="torch").backend == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")

@@ -60,7 +60,7 @@ class StepBatch:
 
     @property
     def fused(self) -> bool:
-        return self.optimizer._backend == "triton"
+        return self.optimizer._backend in ("triton", "cuda")
 
     @functools.cached_property
     def grad_sq(self) -> torch.Tensor:
@@ -138,7 +138,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._device: torch.device | None = None
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
-        self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device)
+        self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device, self.kernels)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -345,6 +345,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not items:
             return loss
         self._sync_store()
+        if self._backend == "cuda":  # the fused passes' launches run the extension's kernels
+            from lrfree.kernels.multi_tensor import kernel_target
+            token = kernel_target.set(self._cuda_launcher())
+            try:
+                self._fused_step(items, loss_t)
+            finally:
+                kernel_target.reset(token)
+        else:
+            self._fused_step(items, loss_t)
+        return loss
+
+    def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
         batch = StepBatch(items=items, loss=loss_t, device=self.device, optimizer=self)
         if self.skip_nonfinite:
             ok = torch.isfinite(self._finite_witness(batch))
@@ -354,7 +366,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         ok = batch.ok
         self._update(batch)
         self._scalar_store["skipped"].add_((~ok).to(torch.float64))
-        return loss
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -460,7 +471,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def backend(self) -> str:
-        """The backend that runs the steps: ``"torch"`` or ``"triton"`` (``"auto"`` resolved)."""
+        """The backend that runs the steps: ``"torch"``, ``"triton"`` or ``"cuda"`` (``"auto"`` resolved)."""
         return self._backend
 
     # ------------------------------------------------------------------ passes and their backends
@@ -470,10 +481,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _pass(self, name: str) -> Callable:
         """The implementation of pass ``name`` for the active backend: the fused kernel
         ``lrfree.kernels.<kernels>.<name>(optimizer, ...)``, or the torch reference ``self._ref_<name>``."""
-        if self._backend == "triton":
+        if self._backend in ("triton", "cuda"):
             module = importlib.import_module(f"lrfree.kernels.{self.kernels}")
             return functools.partial(getattr(module, name), self)
         return getattr(self, "_ref_" + name)
+
+    def _cuda_launcher(self):
+        launcher = getattr(self, "_launcher", None)
+        if launcher is None or launcher.device != self.device:
+            from .backends import cuda_ext
+            launcher = self._launcher = cuda_ext.launcher(self.device)
+        return launcher
 
     def _coefficient_vector(self, values: tuple, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """A device vector of host values (per-item hyperparameters, indices), cached by value so a

@@ -1,0 +1,15 @@
+// pybind11 bindings of the lrfree extension (GPU or host target; see kernels.cuh).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "dispatch.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lrfree fused optimizer passes (multi-tensor, deterministic reductions)";
+  m.def("launch", &lrfree::launch, pybind11::arg("name"), pybind11::arg("grid"), pybind11::arg("pointers"),
+        pybind11::arg("flags"), pybind11::arg("dtype"), pybind11::arg("block"), pybind11::arg("stream"),
+        pybind11::arg("device"),
+        "Run kernel `name` (its Triton twin's module.kernel) over `grid` programs.");
+  m.def("kernels", &lrfree::kernel_names, "The kernels this build provides.");
+  m.def("target", &lrfree::target, "'cuda' or 'host'.");
+}

@@ -1,0 +1,120 @@
+// Name → kernel dispatch shared by the GPU and host builds. Python passes a kernel's arguments in
+// the order of its Triton twin: every tensor as its data pointer, every flag as an integer
+// (lrfree/backends/cuda_ext.py builds the lists), plus the storage dtype and the block size.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.cuh"
+
+namespace lrfree {
+
+enum DtypeCode : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// Converts a pointer argument to whatever pointer type the argument struct's field has.
+struct AnyPtr {
+  int64_t value;
+  template <typename T> operator T*() const { return reinterpret_cast<T*>(static_cast<uintptr_t>(value)); }
+};
+
+template <class F> void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(float{}); break;
+    case kFloat64: f(double{}); break;
+    case kBFloat16: f(bf16{}); break;
+    case kFloat16: f(f16{}); break;
+    default: throw std::invalid_argument("lrfree extension: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+#define LRF_BODY(NAME, ARGS, CALL)                                           \
+  template <typename X> struct NAME {                                        \
+    ARGS a;                                                                  \
+    int64_t block;                                                           \
+    int64_t k0, k1, k2, k3;                                                  \
+    template <class Ctx> LRF_HD void operator()(Ctx& ctx) const { CALL; }    \
+  };
+
+LRF_BODY(SumsqBody, SumsqArgs, (sumsq<X>(ctx, a, block)))
+LRF_BODY(SegmentReduceBody, SegmentReduceArgs, (segment_reduce<X>(ctx, a, k0, k1)))
+LRF_BODY(SgdApplyBody, SgdApplyArgs, (sgd_apply<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(AdamBody, AdamArgs, (adam<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(DAdaptAdamBody, DAdaptAdamArgs, (dadapt_adam<X>(ctx, a, block, k0 != 0)))
+LRF_BODY(ProdigyStatsBody, ProdigyStatsArgs, (prodigy_stats<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(ProdigyApplyBody, ProdigyApplyArgs, (prodigy_apply<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(PsdasgdStartBody, PsdasgdStartArgs, (psdasgd_start<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(PsdasgdStepBody, PsdasgdStepArgs, (psdasgd_step<X>(ctx, a, block, k0 != 0, k1 != 0, k2 != 0, k3 != 0)))
+LRF_BODY(PsspsStatsBody, PsspsStatsArgs, (pssps_stats<X>(ctx, a, block, k0 != 0, k1 != 0)))
+LRF_BODY(PsspsApplyBody, PsspsApplyArgs, (pssps_apply<X>(ctx, a, block, k0 != 0, k1 != 0, k2 != 0)))
+
+// The kernels this extension provides, by the name of their Triton twin (module.kernel).
+inline const std::vector<std::string>& kernel_names() {
+  static const std::vector<std::string> names = {
+      "common._sumsq_kernel",          "multi_tensor._segment_reduce_kernel", "sgd._sgd_apply_kernel",
+      "adam._adam_kernel",             "dadapt_adam._dadapt_adam_kernel",     "prodigy._prodigy_stats_kernel",
+      "prodigy._prodigy_apply_kernel", "ps_dasgd._start_kernel",              "ps_dasgd._step_kernel",
+      "ps_sps._stats_kernel",          "ps_sps._apply_kernel"};
+  return names;
+}
+
+// Runs kernel `name` on `grid` programs through `run(grid, body)`, the target's launcher.
+template <class Run>
+void dispatch(const std::string& name, int64_t grid, const std::vector<int64_t>& p, const std::vector<int64_t>& k,
+              int dtype, int64_t block, Run&& run) {
+  auto P = [&](size_t i) {
+    if (i >= p.size()) throw std::invalid_argument("lrfree extension: too few arguments for " + name);
+    return AnyPtr{p[i]};
+  };
+  auto K = [&](size_t i) { return i < k.size() ? k[i] : int64_t(0); };
+#define LRF_RUN(BODY, ...)                                                    \
+  with_dtype(dtype, [&](auto tag) {                                           \
+    using X = decltype(tag);                                                  \
+    run(grid, BODY<X>{{__VA_ARGS__}, block, K(0), K(1), K(2), K(3)});          \
+  })
+  if (name == "common._sumsq_kernel") {
+    LRF_RUN(SumsqBody, P(0), P(1), P(2), P(3), P(4));
+  } else if (name == "multi_tensor._segment_reduce_kernel") {
+    // dtype is the partials' (fp32 or fp64); k = (K, MAX_MASK)
+    if (dtype == kFloat32) {
+      run(grid, SegmentReduceBody<float>{{P(0), P(1), P(2)}, block, K(0), K(1), 0, 0});
+    } else if (dtype == kFloat64) {
+      run(grid, SegmentReduceBody<double>{{P(0), P(1), P(2)}, block, K(0), K(1), 0, 0});
+    } else {
+      throw std::invalid_argument("lrfree extension: partials must be fp32 or fp64");
+    }
+  } else if (name == "sgd._sgd_apply_kernel") {
+    LRF_RUN(SgdApplyBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9));
+  } else if (name == "adam._adam_kernel") {
+    LRF_RUN(AdamBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9));
+  } else if (name == "dadapt_adam._dadapt_adam_kernel") {
+    LRF_RUN(DAdaptAdamBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11), P(12), P(13),
+            P(14), P(15));
+  } else if (name == "prodigy._prodigy_stats_kernel") {
+    LRF_RUN(ProdigyStatsBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11), P(12),
+            P(13), P(14));
+  } else if (name == "prodigy._prodigy_apply_kernel") {
+    LRF_RUN(ProdigyApplyBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11));
+  } else if (name == "ps_dasgd._start_kernel") {
+    LRF_RUN(PsdasgdStartBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8));
+  } else if (name == "ps_dasgd._step_kernel") {
+    LRF_RUN(PsdasgdStepBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11), P(12), P(13),
+            P(14), P(15));
+  } else if (name == "ps_sps._stats_kernel") {
+    LRF_RUN(PsspsStatsBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7));
+  } else if (name == "ps_sps._apply_kernel") {
+    LRF_RUN(PsspsApplyBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11));
+  } else {
+    throw std::invalid_argument("lrfree extension: no kernel named " + name);
+  }
+#undef LRF_RUN
+}
+
+// Implemented by the target (cuda_launch.cu or host_launch.cpp).
+void launch(const std::string& name, int64_t grid, const std::vector<int64_t>& pointers,
+            const std::vector<int64_t>& flags, int dtype, int64_t block, int64_t stream, int device);
+const char* target();
+
+}  // namespace lrfree
