@@ -237,3 +237,24 @@ def test_zero_element_parameters(backend):
         opt.step(loss=loss.detach())
         assert torch.isfinite(w).all() and empty.numel() == 0
         w.grad = None
+
+
+@pytest.mark.parametrize("name, backend", fused_cases(FUSED))
+def test_checkpoints_move_between_backends(name, backend):
+    """A state dict saved on one backend resumes on the other: the resumed run follows the uninterrupted
+    one in fp64 (both directions)."""
+    need(backend)
+    for first, second in (("torch", backend), (backend, "torch")):
+        params, opt = make(name, torch.float64, first)
+        for t in range(2):
+            step(opt, params, t)
+        moved_p, moved = make(name, torch.float64, second)
+        sync(moved_p, params)
+        moved.load_state_dict(opt.state_dict())
+        for t in range(2, 4):
+            step(opt, params, t)
+            step(moved, moved_p, t)
+        for k in params:
+            assert rel_err(moved_p[k].detach(), params[k].detach()) <= 1e-12, (first, second, k)
+        for k, v in opt.scalars().items():
+            assert torch.allclose(moved.scalars()[k].cpu(), v.cpu(), rtol=1e-11, atol=0, equal_nan=True), k
