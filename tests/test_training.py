@@ -179,3 +179,24 @@ def test_long_run_backends_do_not_drift(name):
     ref_err = float((run(torch.float32, "torch") - truth).abs().max() / scale)
     ext_err = float((run(torch.float32, "cuda") - truth).abs().max() / scale)
     assert ext_err <= 2 * ref_err + 1e-5, (ext_err, ref_err)
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_grad_scaler_step_reads_nothing_back(info, monkeypatch):
+    """GradScaler hands lrfree the scale and the found-inf flag on the device: neither scaler.step nor
+    scaler.update reads a device value back, and an overflowing step is skipped (and counted) on the device."""
+    from test_no_host_sync import forbid_syncs
+    params = [(torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.3).requires_grad_() for n in (40, 7)]
+    opt = info.make([{"params": params}])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for t in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = quadratic(params, t)
+        scaler.scale(loss).backward()
+        if t == 2:
+            params[1].grad[0] = math.nan
+        with monkeypatch.context() as m:
+            forbid_syncs(m)
+            scaler.step(opt, loss=loss.detach())
+            scaler.update()
+    assert float(opt.scalars()["skipped"]) == 1.0 and float(opt.scalars()["steps"]) == 2.0  # accepted steps

@@ -124,6 +124,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     """
 
     hyperparameters: ClassVar[Mapping[str, V.Check]] = {}
+    # torch.amp.GradScaler hands over the loss scale and its found-inf flag as device tensors
+    # (``self.grad_scale``, ``self.found_inf``) instead of reading the flag back on the host: the step
+    # unscales the gradients and folds the flag into its own skip decision, so no step synchronizes.
+    _step_supports_amp_scaling: ClassVar[bool] = True
     shared_hyperparameters: ClassVar[tuple[str, ...]] = ()
     requires_loss: ClassVar[bool] = False
 
@@ -342,6 +346,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         loss_t = self._loss_tensor(loss)
         items = self._gather()
+        if items:
+            self._unscale_for_grad_scaler(items)
         if not items:
             return loss
         self._sync_store()
@@ -356,6 +362,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._fused_step(items, loss_t)
         return loss
 
+    def _unscale_for_grad_scaler(self, items: list[Item]) -> None:
+        """Divide the gradients by GradScaler's scale on the device (None once the user unscaled them)."""
+        scale = getattr(self, "grad_scale", None)
+        if scale is None:
+            return
+        inv_scale = scale.double().reciprocal().float().to(self.device)
+        unused_flag = torch.zeros((), dtype=torch.float32, device=self.device)  # GradScaler checked already
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for it in items:
+            by_dtype.setdefault(it.g.dtype, []).append(it.g)
+        for grads in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, unused_flag, inv_scale)
+
     def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
         batch = StepBatch(items=items, loss=loss_t, device=self.device, optimizer=self)
         if self.skip_nonfinite:
@@ -363,6 +382,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             batch.ok = ok & torch.isfinite(loss_t) if loss_t is not None else ok
         else:
             batch.ok = torch.ones((), dtype=torch.bool, device=self.device)
+        found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        if found_inf is not None:
+            batch.ok = batch.ok & (found_inf.to(self.device) == 0)
         ok = batch.ok
         self._update(batch)
         self._scalar_store["skipped"].add_((~ok).to(torch.float64))
