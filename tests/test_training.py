@@ -200,3 +200,60 @@ def test_grad_scaler_step_reads_nothing_back(info, monkeypatch):
             scaler.step(opt, loss=loss.detach())
             scaler.update()
     assert float(opt.scalars()["skipped"]) == 1.0 and float(opt.scalars()["steps"]) == 2.0  # accepted steps
+
+
+# ---------------------------------------------------------------------------------------- master weights
+
+def _grad_sequence(shapes, steps):
+    """Gradients exactly representable in bf16, so a bf16 run and an fp32 run see the same numbers."""
+    g = torch.Generator().manual_seed(11)
+    return [[(torch.randn(s, generator=g) * 0.1).to(torch.bfloat16) for s in shapes] for _ in range(steps)]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_master_weights_step_bf16_parameters_like_fp32_ones(info, backend):
+    """With ``master_weights=True`` a bf16 parameter is the rounding of an fp32 master that follows
+    exactly the trajectory fp32 parameters would follow from the same gradients and losses."""
+    if backend == "cuda" and info.cls.kernels not in cuda_ext.COVERED_MODULES:
+        pytest.skip(f"the compiled extension does not cover {info.name}")
+    if backend == "cuda" and cuda_ext.unavailable_reason("cuda" if DEVICE == "cuda" else "host"):
+        pytest.skip("the compiled extension is not available")
+    shapes = [(3, 50), (7,), (1,)]
+    init = [(torch.randn(s, generator=torch.Generator().manual_seed(i)) * 0.5).to(torch.bfloat16)
+            for i, s in enumerate(shapes)]
+    grads = _grad_sequence(shapes, 4)
+    runs = {}
+    for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
+        params = [x.to(DEVICE, dtype).requires_grad_() for x in init]
+        opt = info.make([{"params": params}], backend=backend, master_weights=master)
+        for t, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(DEVICE, dtype)
+            opt.step(loss=torch.tensor(1.0 + 0.1 * t, device=DEVICE))
+            if master:
+                for p in params:
+                    assert torch.equal(p.detach(), opt.state[p]["master"].to(torch.bfloat16))
+        runs[dtype] = [opt.state[p]["master"] if master else p.detach() for p in params]
+    for a, b in zip(runs[torch.float32], runs[torch.bfloat16]):
+        assert torch.equal(a, b)
+
+
+def test_master_weights_keep_updates_smaller_than_the_rounding_step():
+    """DoG's first steps are far below bf16's resolution at 1.0: plain bf16 parameters do not move at
+    all, the master-weight ones do. The master is saved and restored with the state."""
+    finals = {}
+    for master in (False, True):
+        p = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+        opt = lrfree.DoG([p], master_weights=master)
+        for _ in range(50):
+            p.grad = torch.full_like(p, 1e-3)
+            opt.step()
+        finals[master] = p.detach().float()
+        if master:
+            resumed_p = torch.nn.Parameter(p.detach().clone())
+            resumed = lrfree.DoG([resumed_p], master_weights=True)
+            resumed.load_state_dict(opt.state_dict())
+            assert torch.equal(resumed.state[resumed_p]["master"], opt.state[p]["master"])
+    assert torch.equal(finals[False], torch.ones(1000))
+    assert bool((finals[True] < 0.95).all())

@@ -131,8 +131,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     shared_hyperparameters: ClassVar[tuple[str, ...]] = ()
     requires_loss: ClassVar[bool] = False
 
-    def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True):
+    def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         V.BOOL(type(self).__name__, "skip_nonfinite", skip_nonfinite)
+        V.BOOL(type(self).__name__, "master_weights", master_weights)
+        # bf16/fp16 parameters step an fp32 master copy (state "master"), which is rounded into the parameter
+        # after every step: updates smaller than the parameter's rounding step are kept, not lost.
+        self.master_weights = master_weights
+        self._master_grads: dict[torch.Tensor, torch.Tensor] = {}
         self._requested_backend = validate_backend(backend, type(self).__name__)
         self.skip_nonfinite = skip_nonfinite
         self._vectors: dict[tuple, torch.Tensor] = {}
@@ -319,12 +325,38 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          f"{tuple(g.shape)} on {g.device}; it must match the parameter")
                     state = self.state.get(p)
                     if not state:
-                        state = self.init_state(p, group)
+                        state = self._new_state(p, group)
                         if state:  # stateless methods leave optimizer.state empty, like torch's SGD
                             self.state[p] = state
-                    items.append(Item(p, g, group, gi, flat_index, state))
+                    if "master" in state:  # the method steps the fp32 master with an fp32 copy of the gradient
+                        buf = self._master_grads.get(p)
+                        if buf is None or buf.shape != p.shape:
+                            buf = self._master_grads[p] = torch.empty_like(state["master"])
+                        buf.copy_(g)
+                        items.append(Item(state["master"], buf, group, gi, flat_index, state))
+                    else:
+                        items.append(Item(p, g, group, gi, flat_index, state))
                 flat_index += 1
         return items
+
+    def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        """A parameter's initial state: the method's, plus the fp32 master copy under ``master_weights``
+        (the method's state is then initialized from the master, so anchors such as x0 are fp32 too)."""
+        if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
+            master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
+            return {**self.init_state(master, group), "master": master}
+        return self.init_state(p, group)
+
+    def _round_masters_into_params(self) -> None:
+        params, masters = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p.grad is not None and state and "master" in state:
+                    params.append(p)
+                    masters.append(state["master"])
+        if params:
+            torch._foreach_copy_(params, masters)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, loss: Any = None) -> Any:
@@ -360,6 +392,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 kernel_target.reset(token)
         else:
             self._fused_step(items, loss_t)
+        if self.master_weights:
+            self._round_masters_into_params()
         return loss
 
     def _unscale_for_grad_scaler(self, items: list[Item]) -> None:
@@ -449,7 +483,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if isinstance(saved, Mapping) and not saved:
                 continue  # a parameter that has not stepped yet
             p, ng = id_map[pid]
-            template = self.init_state(p, ng)
+            template = self._new_state(p, ng)
             if not isinstance(saved, Mapping) or set(saved) != set(template):
                 got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
                 raise ValueError(f"{owner}.load_state_dict: state of parameter {pid} has keys {got}, "

@@ -28,10 +28,12 @@ class Adam(FusedOptimizer):
     decoupled = False
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True):
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     def init_state(self, p, group):
         state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
@@ -84,6 +86,7 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True):
+                 amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)

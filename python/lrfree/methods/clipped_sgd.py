@@ -37,11 +37,13 @@ class ClippedSGD(FusedOptimizer):
     kernels = "clipped_sgd"
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True):
+                 nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         if nesterov and momentum <= 0:
             raise ValueError("ClippedSGD: nesterov=True requires momentum > 0")
         super().__init__(params, dict(lr=lr, max_norm=max_norm, momentum=momentum, weight_decay=weight_decay,
-                                      nesterov=nesterov, eps=eps), backend=backend, skip_nonfinite=skip_nonfinite)
+                                      nesterov=nesterov, eps=eps), backend=backend, skip_nonfinite=skip_nonfinite,
+                                      master_weights=master_weights)
 
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] > 0 else {}

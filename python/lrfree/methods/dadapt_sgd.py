@@ -58,10 +58,11 @@ class DAdaptSGD(DAdaptBase):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
-                 backend: str = "auto", skip_nonfinite: bool = True):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
                         growth_rate=growth_rate, fsdp_in_use=fsdp_in_use)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "x0": self.copy_of(p)}

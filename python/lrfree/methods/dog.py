@@ -48,14 +48,15 @@ class DoG(FusedOptimizer):
 
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, backend: str = "auto",
-                 skip_nonfinite: bool = True):
+                 skip_nonfinite: bool = True, master_weights: bool = False):
         if init_eta is None and not reps_rel > 0:
             raise ValueError(f"{type(self).__name__}: invalid reps_rel={reps_rel!r}; expected a real number > 0 "
                              "(1e-6 is the suggested value, 1e-4 with batch normalization)")
         defaults = dict(reps_rel=0.0 if init_eta is not None else reps_rel, lr=lr, weight_decay=weight_decay,
                         eps=eps, init_eta=init_eta)
         self._x0_norm_ready: set[int] = set()
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     def init_state(self, p, group):
         return {"x0": self.copy_of(p)}

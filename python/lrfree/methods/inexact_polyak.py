@@ -46,9 +46,9 @@ class InexactPolyak(PolyakFamily):
     shared_hyperparameters = ("T", "lower_bound", "best_iterate")
 
     def __init__(self, params, T: int, lower_bound: float = 0.0, *, lr: float = 1.0, best_iterate: bool = False,
-                 backend: str = "auto", skip_nonfinite: bool = True):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
         super().__init__(params, dict(T=T, lower_bound=lower_bound, lr=lr, best_iterate=best_iterate),
-                         backend=backend, skip_nonfinite=skip_nonfinite)
+                         backend=backend, skip_nonfinite=skip_nonfinite, master_weights=master_weights)
 
     def init_state(self, p, group):
         return {"best": self.copy_of(p)} if group["best_iterate"] else {}

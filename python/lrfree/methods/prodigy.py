@@ -59,11 +59,12 @@ class Prodigy(DAdaptBase):
                  weight_decay: float = 0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, slice_p: int = 1, *,
-                 backend: str = "auto", skip_nonfinite: bool = True):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     @staticmethod
     def _sliced(t: torch.Tensor, group: dict) -> torch.Tensor:

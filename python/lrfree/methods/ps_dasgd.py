@@ -65,10 +65,12 @@ class PSDASGD(DAdaptBase):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
-                 *, scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True):
+                 *, scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
                         weight_decay=weight_decay, amsgrad=amsgrad, scaling=scaling)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     def init_state(self, p, group):
         state = init_scaling_state(self, p, group)

@@ -62,11 +62,13 @@ class PSSPS(FusedOptimizer):
     def __init__(self, params, c: float = 0.5, f_star: float = 0.0, betas=(0.0, 0.999), eps: float = 1e-8,
                  amsgrad: bool = False, *, lr: float = 1.0, weight_decay: float = 0.0, smooth: bool = True,
                  gamma: float = 2.0, n_batches_per_epoch: int = 500, eta_max: float | None = None,
-                 scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True):
+                 scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
+                 master_weights: bool = False):
         defaults = dict(c=c, f_star=f_star, betas=tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
                         weight_decay=weight_decay, smooth=smooth, gamma=gamma,
                         n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
-        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
+                         master_weights=master_weights)
 
     def init_state(self, p, group):
         return init_scaling_state(self, p, group)
