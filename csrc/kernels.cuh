@@ -108,6 +108,13 @@ LRF_HD Span span_of(const Ctx& ctx, const int64_t* numels, const int32_t* block_
   return s;
 }
 
+// Column `col` of this program's row of a (programs, k) partials buffer; `value` must come from a
+// block reduction every thread took part in, so only the leader stores.
+template <typename A, class Ctx>
+LRF_HD void store_partial(const Ctx& ctx, void* partials, int64_t k, int64_t col, A value) {
+  if (ctx.leader()) static_cast<A*>(partials)[k * ctx.pid + col] = value;
+}
+
 #define LRF_FOR(ctx, s, i) for (int64_t i = (s).begin + (ctx).tid; i < (s).end; i += (ctx).nthreads)
 
 // α² = √v̂ + ε of the Adam scaling rule (kernels/scaling.py adam_scale); c = the fp64 coefficient
@@ -145,8 +152,7 @@ template <typename X, class Ctx> LRF_HD void sumsq(Ctx& ctx, const SumsqArgs& a,
   const X* g = slot_ptr<const X>(a.g, s.t);
   A acc = 0;
   LRF_FOR(ctx, s, i) { A gi = load<X, A>(g, i); acc += gi * gi; }
-  acc = ctx.sum(acc);
-  if (ctx.leader()) static_cast<A*>(a.partials)[ctx.pid] = acc;
+  store_partial(ctx, a.partials, 1, 0, ctx.sum(acc));
 }
 
 struct SegmentReduceArgs { const void* partials; const int32_t* block_first; double* out; };
@@ -263,13 +269,8 @@ LRF_HD void dadapt_adam(Ctx& ctx, const DAdaptAdamArgs& a, int64_t block, bool d
     if (decouple) xi = xi - decay * dlr * xi;
     if (accept) store<X, A>(x, i, xi - mi / (sqrt(vi) + eps));
   }
-  num = ctx.sum(num);
-  l1 = ctx.sum(l1);
-  if (ctx.leader()) {
-    A* p = static_cast<A*>(a.partials);
-    p[2 * ctx.pid] = num;
-    p[2 * ctx.pid + 1] = l1;
-  }
+  store_partial(ctx, a.partials, 2, 0, ctx.sum(num));
+  store_partial(ctx, a.partials, 2, 1, ctx.sum(l1));
 }
 
 struct ProdigyStatsArgs {
@@ -311,13 +312,8 @@ LRF_HD void prodigy_stats(Ctx& ctx, const ProdigyStatsArgs& a, int64_t block, bo
       l1 += fabs(sj);
     }
   }
-  num = ctx.sum(num);
-  l1 = ctx.sum(l1);
-  if (ctx.leader()) {
-    A* p = static_cast<A*>(a.partials);
-    p[2 * ctx.pid] = num;
-    p[2 * ctx.pid + 1] = l1;
-  }
+  store_partial(ctx, a.partials, 2, 0, ctx.sum(num));
+  store_partial(ctx, a.partials, 2, 1, ctx.sum(l1));
 }
 
 struct ProdigyApplyArgs {
@@ -374,13 +370,8 @@ LRF_HD void psdasgd_start(Ctx& ctx, const PsdasgdStartArgs& a, int64_t block, bo
     ratio += gi * gi / alpha_sq;
     alpha_sum += alpha_sq;
   }
-  ratio = ctx.sum(ratio);
-  alpha_sum = ctx.sum(alpha_sum);
-  if (ctx.leader()) {
-    A* p = static_cast<A*>(a.partials);
-    p[2 * ctx.pid] = ratio;
-    p[2 * ctx.pid + 1] = alpha_sum;
-  }
+  store_partial(ctx, a.partials, 2, 0, ctx.sum(ratio));
+  store_partial(ctx, a.partials, 2, 1, ctx.sum(alpha_sum));
 }
 
 struct PsdasgdStepArgs {
@@ -437,15 +428,9 @@ LRF_HD void psdasgd_step(Ctx& ctx, const PsdasgdStepArgs& a, int64_t block, bool
     else xi = xi - dlr * u;
     if (accept) store<X, A>(x, i, xi);
   }
-  dot = ctx.sum(dot);
-  snorm = ctx.sum(snorm);
-  ratio_max = ctx.max(ratio_max);
-  if (ctx.leader()) {
-    A* p = static_cast<A*>(a.partials);
-    p[3 * ctx.pid] = dot;
-    p[3 * ctx.pid + 1] = snorm;
-    p[3 * ctx.pid + 2] = ratio_max;
-  }
+  store_partial(ctx, a.partials, 3, 0, ctx.sum(dot));
+  store_partial(ctx, a.partials, 3, 1, ctx.sum(snorm));
+  store_partial(ctx, a.partials, 3, 2, ctx.max(ratio_max));
 }
 
 struct PsspsStatsArgs {
@@ -467,8 +452,7 @@ LRF_HD void pssps_stats(Ctx& ctx, const PsspsStatsArgs& a, int64_t block, bool s
     if (scaled) alpha_sq = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad).alpha_sq;
     acc += gi * gi / alpha_sq;
   }
-  acc = ctx.sum(acc);
-  if (ctx.leader()) static_cast<A*>(a.partials)[ctx.pid] = acc;
+  store_partial(ctx, a.partials, 1, 0, ctx.sum(acc));
 }
 
 struct PsspsApplyArgs {
