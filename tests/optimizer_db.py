@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import pytest
 import torch
 
 import lrfree
@@ -38,6 +39,20 @@ class OptimizerInfo:
 
     def make(self, params, **overrides):
         return self.cls(params, **{**self.kwargs, **overrides})
+
+
+def require_backend(cls: type, backend: str) -> None:
+    """Skip a test case whose backend cannot run ``cls`` here: the compiled extension does not cover the
+    method, or cannot be built (its host emulation serves CPU tensors when there is no GPU)."""
+    if backend != "cuda":
+        return
+    from lrfree.backends import cuda_ext
+    if cls.kernels not in cuda_ext.COVERED_MODULES:
+        pytest.skip(f"the compiled extension does not cover {cls.__name__}")
+    reason = cuda_ext.unavailable_reason(cuda_ext.target_for(torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu")))
+    if reason:
+        pytest.skip(reason)
 
 
 OPTIMIZERS = [

@@ -18,6 +18,7 @@ import lrfree
 from lrfree.backends import cuda_ext
 from awkward import loss_fn, make_params, param_groups
 from conftest import rel_err
+from optimizer_db import require_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = {
@@ -70,12 +71,6 @@ def fused_cases(names):
     return [pytest.param(n, b, id=f"{n}-{b}") for b in ("triton", "cuda") for n in sorted(names)
             if b == "triton" or method(n).kernels in cuda_ext.COVERED_MODULES]
 
-
-def need(backend):
-    if backend == "cuda":
-        reason = cuda_ext.unavailable_reason("cuda" if DEVICE == "cuda" else "host")
-        if reason:
-            pytest.skip(reason)
 STEPS = 4
 
 
@@ -104,7 +99,7 @@ def sync(dst, src):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name, backend", fused_cases(FUSED))
 def test_fused_error_is_at_most_twice_the_reference_error(name, backend, dtype):
-    need(backend)
+    require_backend(method(name), backend)
     truth_p, truth = make(name, torch.float64, "torch")
     ref_p, ref = make(name, dtype, "torch")
     fused_p, fused = make(name, dtype, backend)
@@ -124,7 +119,7 @@ def test_fused_error_is_at_most_twice_the_reference_error(name, backend, dtype):
 
 @pytest.mark.parametrize("name, backend", fused_cases(FUSED))
 def test_fp64_backends_agree(name, backend):
-    need(backend)
+    require_backend(method(name), backend)
     ref_p, ref = make(name, torch.float64, "torch")
     fused_p, fused = make(name, torch.float64, backend)
     for t in range(STEPS):
@@ -140,7 +135,7 @@ def test_fp64_backends_agree(name, backend):
 
 @pytest.mark.parametrize("name, backend", fused_cases(FUSED))
 def test_fused_runs_are_bit_identical_and_skip_nonfinite_steps(name, backend):
-    need(backend)
+    require_backend(method(name), backend)
     runs = []
     for _ in range(2):
         params, opt = make(name, torch.float32, backend)
@@ -172,7 +167,7 @@ def test_every_optimizer_has_a_fused_path():
                                                         "PSDASGD", "Adam"]))
 def test_launches_do_not_grow_with_the_number_of_tensors(name, backend):
     from lrfree.kernels import multi_tensor
-    need(backend)
+    require_backend(method(name), backend)
 
     def launches(n_tensors):
         params = [torch.randn(37 + i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
@@ -203,7 +198,7 @@ def test_mixed_dtypes_and_a_frozen_group(name, backend):
                   {"params": frozen, "lr": 0.0 if name != "LDoG" else 1.0}]  # DoG rejects lr = 0
         return full + half + frozen, FUSED[name](groups, backend=backend)
 
-    need(backend)
+    require_backend(method(name), backend)
     ref_params, ref = build("torch")
     fused_params, fused = build(backend)
     for t in range(3):
@@ -222,7 +217,7 @@ def test_mixed_dtypes_and_a_frozen_group(name, backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_zero_element_parameters(backend):
-    need(backend)
+    require_backend(lrfree.PSDASGD, backend)  # the extension's availability; uncovered methods are skipped below
     empty = torch.zeros(0, 3, device=DEVICE, requires_grad=True)
     w = torch.ones(5, device=DEVICE, requires_grad=True)
     for name in ("PSDASGD", "Prodigy", "InexactPolyak", "LDoG"):
@@ -243,7 +238,7 @@ def test_zero_element_parameters(backend):
 def test_checkpoints_move_between_backends(name, backend):
     """A state dict saved on one backend resumes on the other: the resumed run follows the uninterrupted
     one in fp64 (both directions)."""
-    need(backend)
+    require_backend(method(name), backend)
     for first, second in (("torch", backend), (backend, "torch")):
         params, opt = make(name, torch.float64, first)
         for t in range(2):

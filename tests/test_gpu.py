@@ -6,7 +6,7 @@ import torch
 
 import lrfree
 from awkward import loss_fn, make_params, param_groups
-from optimizer_db import OPTIMIZERS
+from optimizer_db import OPTIMIZERS, require_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -22,22 +22,10 @@ def _grads(params, t):
     return loss.detach()
 
 
-def fused_backend(info, backend):
-    """Skips the extension's case where it does not cover the method or cannot be built here."""
-    if backend == "cuda":
-        from lrfree.backends import cuda_ext
-        if info.cls.kernels not in cuda_ext.COVERED_MODULES:
-            pytest.skip(f"the CUDA extension does not cover {info.name}")
-        reason = cuda_ext.unavailable_reason("cuda")
-        if reason:
-            pytest.skip(reason)
-    return backend
-
-
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
 def test_cuda_graph_replay_equals_eager(info, backend):
-    fused_backend(info, backend)
+    require_backend(info.cls, backend)
     eager_p, graph_p = make_params(torch.float32, device="cuda"), make_params(torch.float32, device="cuda")
     eager = info.make(param_groups(eager_p), backend=backend)
     graphed = info.make(param_groups(graph_p), backend=backend)

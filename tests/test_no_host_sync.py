@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from awkward import loss_fn, make_params, param_groups
-from optimizer_db import OPTIMIZERS
+from optimizer_db import OPTIMIZERS, require_backend
 
 SYNC_ENTRY_POINTS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu",
                      "__array__")
@@ -109,8 +109,7 @@ def _kernel_modules():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
 def test_cuda_sync_debug_mode(info, backend):
-    from test_gpu import fused_backend
-    fused_backend(info, backend)
+    require_backend(info.cls, backend)
     params = make_params(torch.float32, device="cuda")
     opt = info.make(param_groups(params), backend=backend)
     for t in range(3):

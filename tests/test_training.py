@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import lrfree
 from awkward import loss_fn, make_params, param_groups
 from lrfree.backends import cuda_ext
-from optimizer_db import BY_NAME, OPTIMIZERS
+from optimizer_db import BY_NAME, OPTIMIZERS, require_backend
 
 IDS = [info.name for info in OPTIMIZERS]
 
@@ -86,9 +86,9 @@ def test_gradient_accumulation(info):
 
 # ---------------------------------------------------------------------------------------- fault tolerance
 
-BACKENDS = ["torch"] + (["cuda"] if cuda_ext.unavailable_reason("cuda" if torch.cuda.is_available() else "host")
-                        is None else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+EXTENSION_MISSING = cuda_ext.unavailable_reason(cuda_ext.target_for(torch.device(DEVICE)))
+BACKENDS = ["torch"] + (["cuda"] if EXTENSION_MISSING is None else [])
 POISON = [math.nan, math.inf, -math.inf]
 
 
@@ -157,8 +157,8 @@ def test_long_run_backends_do_not_drift(name):
     trajectory as the reference backend's own fp32 trajectory does (at most 2× its error, plus 1e-5).
     Some methods are sensitive (InexactPolyak run past its horizon T: its fp32 and fp64 reference runs
     part by ~1e-3 after 1000 steps), so a fixed tolerance would test the method, not the backend."""
-    if cuda_ext.unavailable_reason("cuda" if torch.cuda.is_available() else "host"):
-        pytest.skip("the compiled extension is not available")
+    if EXTENSION_MISSING:
+        pytest.skip(EXTENSION_MISSING)
     info = BY_NAME[name]
     steps = 2000
     horizon = {"T": steps} if name == "InexactPolyak" else {}  # its step size is set for a horizon of T steps
@@ -215,10 +215,7 @@ def _grad_sequence(shapes, steps):
 def test_master_weights_step_bf16_parameters_like_fp32_ones(info, backend):
     """With ``master_weights=True`` a bf16 parameter is the rounding of an fp32 master that follows
     exactly the trajectory fp32 parameters would follow from the same gradients and losses."""
-    if backend == "cuda" and info.cls.kernels not in cuda_ext.COVERED_MODULES:
-        pytest.skip(f"the compiled extension does not cover {info.name}")
-    if backend == "cuda" and cuda_ext.unavailable_reason("cuda" if DEVICE == "cuda" else "host"):
-        pytest.skip("the compiled extension is not available")
+    require_backend(info.cls, backend)
     shapes = [(3, 50), (7,), (1,)]
     init = [(torch.randn(s, generator=torch.Generator().manual_seed(i)) * 0.5).to(torch.bfloat16)
             for i, s in enumerate(shapes)]

@@ -55,7 +55,7 @@ def _resolve_cuda(owner: str, device: torch.device, kernels: str | None) -> str:
         raise ValueError(f"{owner}: backend='cuda' runs on CUDA tensors and the parameters are on {device}; use "
                          f"backend='torch' (or set {cuda_ext.HOST_ENV}=1 to run the extension's kernels on the CPU "
                          "for testing)")
-    cuda_ext.extension("cuda" if device.type == "cuda" else "host")  # raises with how to build it
+    cuda_ext.extension(cuda_ext.target_for(device))  # raises with how to build it
     return "cuda"
 
 

@@ -8,12 +8,13 @@ copy of any method's math.
 
 Two targets are built from the same sources (``csrc/kernels.cuh``):
 
-* ``"cuda"``: the GPU build. A build made by ``LRFREE_BUILD_CUDA=1 pip install -e .`` (module
-  ``lrfree._cuda``) is used when present; otherwise the sources are compiled on first use with
+* ``"cuda"``: the GPU build. A build made by ``LRFREE_BUILD_CUDA=1 pip install --no-build-isolation -e .``
+  (module ``lrfree._cuda``) is used when present; otherwise the sources are compiled on first use with
   ``torch.utils.cpp_extension.load`` (nvcc + ninja) and cached in torch's extension directory.
-* ``"host"``: every program runs serially on the CPU. It exists so that machines without a GPU can test
-  the kernels against the torch reference; ``backend="cuda"`` uses it for CPU tensors when
-  ``LRFREE_CUDA_HOST=1`` (as ``TRITON_INTERPRET=1`` does for the Triton backend).
+* ``"host"``: the GPU launch emulated on the CPU (threads one after another, reductions in the GPU's
+  order). It exists so that machines without a GPU can test the kernels against the torch reference;
+  ``backend="cuda"`` uses it for CPU tensors when ``LRFREE_CUDA_HOST=1`` (as ``TRITON_INTERPRET=1`` does
+  for the Triton backend).
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ FLAGS: dict[str, tuple[str, ...]] = {
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 HOST_ENV = "LRFREE_CUDA_HOST"
-BUILD_HINT = ("build it with `LRFREE_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or install a CUDA toolkit (nvcc) and ninja "
-              "so that lrfree can compile it on first use; or use backend='triton'")
+BUILD_HINT = ("build it with `LRFREE_BUILD_CUDA=1 pip install --no-build-isolation -e .`, or install a CUDA "
+              "toolkit (nvcc) and ninja so that lrfree can compile it on first use; or use backend='triton'")
+
+
+def target_for(device: torch.device) -> str:
+    """The build that runs tensors on ``device``: the GPU one, or the host emulation for CPU tensors."""
+    return "cuda" if device.type == "cuda" else "host"
 
 
 def host_mode() -> bool:
@@ -91,22 +97,23 @@ def prebuilt():
 @functools.lru_cache(maxsize=None)
 def _load(target: str):
     """The extension module for ``target`` ("cuda" or "host"), built if needed. Raises with the reason."""
+    from torch.utils import cpp_extension
     if target == "cuda":
-        if prebuilt() is not None:
-            return prebuilt()
+        built = prebuilt()
+        if built is not None:
+            return built
         if not torch.cuda.is_available() or torch.version.cuda is None:
             raise RuntimeError("the CUDA extension needs a CUDA build of PyTorch and a GPU")
-        from torch.utils import cpp_extension
-        if cpp_extension.CUDA_HOME is None or not _has_ninja_module():
+        ninja = _has_ninja_module()
+        if cpp_extension.CUDA_HOME is None or not ninja:
             raise RuntimeError("the CUDA extension is not built and cannot be compiled here "
                                f"(CUDA toolkit: {cpp_extension.CUDA_HOME or 'not found'}, ninja: "
-                               f"{'found' if _has_ninja_module() else 'not found'})")
-    from torch.utils import cpp_extension
+                               f"{'found' if ninja else 'not found'})")
     # No contraction into FMAs on either target: the GPU build then rounds like the host emulation that
     # CI tests (and these kernels are memory-bound, so FMAs would buy no speed).
-    flags = ["-O3", "-std=c++17", "-ffp-contract=off"]
     return cpp_extension.load(name=f"lrfree_{target}_{_source_hash(target)}", sources=_sources(target),
-                              extra_cflags=flags, extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "--fmad=false"],
+                              extra_cflags=["-O3", "-std=c++17", "-ffp-contract=off"],
+                              extra_cuda_cflags=["-O3", "-std=c++17", "-lineinfo", "--fmad=false"],
                               extra_include_paths=[sources_dir()], verbose=False)
 
 
@@ -176,4 +183,4 @@ _TL_CODES = {"fp32": 0, "fp64": 1, "bf16": 2, "fp16": 3}
 
 
 def launcher(device: torch.device) -> Launcher:
-    return Launcher(extension("cuda" if device.type == "cuda" else "host"), device)
+    return Launcher(extension(target_for(device)), device)
