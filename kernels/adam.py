@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import dtype_groups, launch, ok_flag
 
 
@@ -21,10 +22,7 @@ def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor
                  BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     # per tensor: (β1, 1−β1, β2, 1−β2, eps, wd, 1 − lr·wd, step size lr/bc1, √bc2, sign)
     row = table + 10 * t
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))

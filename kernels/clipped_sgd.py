@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import dtype_groups, launch, ok_flag
 
 
@@ -17,10 +18,7 @@ def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_
                           BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import dtype_groups, launch, ok_flag
 
 
@@ -17,10 +18,7 @@ def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs
                   decay_vec, coeffs, ok, X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
     theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(ACC))
     gsum_ptr = tl.load(gsum_ptrs + t).to(tl.pointer_type(ACC))

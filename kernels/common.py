@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import TL_DTYPE, Geometry, geometry, launch, per_tensor
+from .multi_tensor import Geometry, TL_DTYPE, geometry, launch, per_tensor, program_elements
 
 F64 = torch.float64
 
@@ -104,10 +104,7 @@ def ok_flag(batch) -> torch.Tensor:
 @triton.jit
 def _sumsq_kernel(g_ptrs, numels, block_tensor, block_start, partials,
                   G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(G)) + offs, mask=mask, other=0.0).to(ACC)
     tl.store(partials + pid, tl.sum(g * g, axis=0))
 

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
@@ -18,10 +19,7 @@ from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_vec,
                         decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, X: tl.constexpr,
                         ACC: tl.constexpr, DECOUPLE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     # (β1, 1−β1, β2, 1−β2, √β2, 1−√β2): the complements come from the host in fp64, since 1 − β2
     # formed in fp32 loses 4 digits to cancellation

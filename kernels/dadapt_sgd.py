@@ -10,16 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
 @triton.jit
 def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, block_start, adapting, dlr, ok,
                        partials, coeffs, X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     # the accept flag as a block mask (stores of a rejected step are masked off)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))

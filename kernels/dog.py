@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, reduce_partials
 from .sgd import sgd_apply  # noqa: F401  (DoG's apply pass)
 
@@ -14,10 +15,7 @@ from .sgd import sgd_apply  # noqa: F401  (DoG's apply pass)
 @triton.jit
 def _dog_stats_kernel(x_ptrs, g_ptrs, x0_ptrs, numels, block_tensor, block_start, decay, partials,
                       X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)

@@ -148,6 +148,16 @@ def geometry(slots: Sequence[Sequence[torch.Tensor]], block: int = DEFAULT_BLOCK
 
 
 @triton.jit
+def program_elements(numels, block_tensor, block_start, BLOCK: tl.constexpr):
+    """(pid, tensor, offsets, mask) of this program: elements [start, start + BLOCK) of tensor ``t``,
+    through the geometry's block map (64-bit offsets). Every element-wise kernel starts here."""
+    pid = tl.program_id(0)
+    t = tl.load(block_tensor + pid)
+    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
+    return pid, t, offs, offs < tl.load(numels + t)
+
+
+@triton.jit
 def _segment_reduce_kernel(partials, block_first, out, K: tl.constexpr, MAX_MASK: tl.constexpr,
                            CHUNK: tl.constexpr):
     """out[t, k] = the fp64 sum (or, for the columns set in MAX_MASK, the max) of partials[b, k] over

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
@@ -19,10 +20,7 @@ from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start,
                           slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, X: tl.constexpr,
                           ACC: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
@@ -54,10 +52,7 @@ def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, 
                           HAS_M: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(proceed) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     dlr = tl.load(dlr_ptr).to(ACC)
     d_new = tl.load(d_new_ptr).to(ACC)
     decay = tl.load(decay_vec + t).to(ACC)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
 
@@ -23,10 +24,7 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
                   BLOCK: tl.constexpr):
     if tl.load(started) != 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     if SCALED:
         v = tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask, other=0.0)
@@ -45,10 +43,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
                  c, decay_vec, dlr_ptr, averaging, ok, partials, X: tl.constexpr, ACC: tl.constexpr,
                  SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
                  BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
     s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))

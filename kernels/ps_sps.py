@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .multi_tensor import program_elements
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
 
@@ -33,10 +34,7 @@ def _load_scale(it_g, v_ptr, vmax_ptr, offs, mask, c, BLOCK: tl.constexpr, ACC: 
 @triton.jit
 def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, partials, X: tl.constexpr,
                   ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     _, _, alpha_sq = _load_scale(g, tl.load(v_ptrs + t).to(tl.pointer_type(ACC)),
                                  tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC)), offs, mask, c, BLOCK, ACC,
@@ -50,10 +48,7 @@ def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tenso
                   HAS_M: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    offs = tl.load(block_start + pid) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(numels + t)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
     vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
