@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import lrfree
 from awkward import loss_fn, make_params, param_groups
 from lrfree.backends import cuda_ext
-from optimizer_db import BY_NAME, OPTIMIZERS, require_backend
+from optimizer_db import BY_NAME, OPTIMIZERS, OptimizerInfo, require_backend
 
 IDS = [info.name for info in OPTIMIZERS]
 
@@ -210,8 +210,13 @@ def _grad_sequence(shapes, steps):
     return [[(torch.randn(s, generator=g) * 0.1).to(torch.bfloat16) for s in shapes] for _ in range(steps)]
 
 
+# options whose code paths look at parameters beyond the step's own tensors (resting distances, best copies)
+MASTER_CASES = OPTIMIZERS + [OptimizerInfo(lrfree.DoG, {"reps_rel": 0.1}),
+                             OptimizerInfo(lrfree.InexactPolyak, {"T": 4, "best_iterate": True})]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
-@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+@pytest.mark.parametrize("info", MASTER_CASES, ids=[f"{i.name}{sorted(i.kwargs.items())}" for i in MASTER_CASES])
 def test_master_weights_step_bf16_parameters_like_fp32_ones(info, backend):
     """With ``master_weights=True`` a bf16 parameter is the rounding of an fp32 master that follows
     exactly the trajectory fp32 parameters would follow from the same gradients and losses."""
@@ -232,6 +237,8 @@ def test_master_weights_step_bf16_parameters_like_fp32_ones(info, backend):
                 for p in params:
                     assert torch.equal(p.detach(), opt.state[p]["master"].to(torch.bfloat16))
         runs[dtype] = [opt.state[p]["master"] if master else p.detach() for p in params]
+        runs[dtype] += [opt.state[p]["best"] for p in params if "best" in opt.state[p]]
+    assert len(runs[torch.float32]) == len(runs[torch.bfloat16])
     for a, b in zip(runs[torch.float32], runs[torch.bfloat16]):
         assert torch.equal(a, b)
 

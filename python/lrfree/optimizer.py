@@ -26,6 +26,7 @@ import torch
 from . import validation as V
 from .backends import resolve_backend, validate_backend
 from .backends import torch_ref as R
+from .distributed import layout_for, local
 
 __all__ = ["FusedOptimizer", "StepBatch", "Item"]
 
@@ -40,12 +41,25 @@ GLOBAL, GROUP, TENSOR = "global", "group", "tensor"
 class Item:
     """One parameter that has a gradient in this step."""
 
-    p: torch.Tensor
+    p: torch.Tensor  # what the step updates: the parameter, its local shard, or its fp32 master copy
     g: torch.Tensor
     group: dict
     group_index: int
     flat_index: int  # position of p among all params of all groups; indexes TENSOR-domain scalars
     state: dict
+    param: torch.Tensor  # the parameter itself, as listed in its param group
+
+
+class StepInputs:
+    """A step's loss and accept flag, shared by a batch and its subsets.
+
+    Single-process, both are known when the step starts. Under data parallelism (``distributed``) the
+    local loss and non-finite witness wait in ``pending`` and are made global by the step's first
+    collective, so they cost no collective of their own.
+    """
+
+    def __init__(self, loss: torch.Tensor | None, ok: torch.Tensor | None, pending: list | None = None):
+        self.loss, self.ok, self.pending = loss, ok, pending
 
 
 @dataclass
@@ -53,22 +67,85 @@ class StepBatch:
     """What a method's update sees: the active parameters and the per-step inputs, all on device."""
 
     items: list[Item]
-    loss: torch.Tensor | None  # 0-d fp64, or None when the caller gave no loss
+    inputs: StepInputs
     device: torch.device
     optimizer: "FusedOptimizer"
-    ok: torch.Tensor | None = None  # 0-d bool: False when the loss or a gradient is non-finite
+
+    @property
+    def loss(self) -> torch.Tensor | None:
+        """0-d fp64 (averaged over data-parallel ranks), or None when the caller gave no loss."""
+        self._settle()
+        return self.inputs.loss
+
+    @property
+    def ok(self) -> torch.Tensor:
+        """0-d bool: False when the loss or a gradient (on any rank) is non-finite, or GradScaler found inf."""
+        self._settle()
+        return self.inputs.ok
+
+    def _settle(self) -> None:
+        if self.inputs.pending is not None:
+            self.sync()
+
+    def sync(self, *partials: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The given local fp64 partials (per-tensor rows or sums over this rank's elements) as global
+        values: one SUM all-reduce over the shards, which also settles the step's loss and accept flag
+        if no collective has yet. Single-process, and for replicated (DDP) parameters, whose statistics
+        are global already, the partials come back unchanged."""
+        layout = self.optimizer._layout
+        pending = self.inputs.pending
+        if layout is None or (pending is None and not layout.sharded):
+            return partials
+        parts = list(pending or ()) + (list(partials) if layout.sharded else [])
+        if not parts:
+            return partials
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts])
+        layout.all_reduce_sum_(flat)
+        out = list(flat.split([t.numel() for t in parts]))
+        if pending is not None:
+            self.inputs.pending = None
+            self._finish_inputs(*out[:len(pending)], world_size=layout.world_size)
+            out = out[len(pending):]
+        if not layout.sharded:
+            return partials
+        return tuple(v.view(t.shape) for v, t in zip(out, partials))
+
+    def _finish_inputs(self, rejections: torch.Tensor, *loss: torch.Tensor, world_size: int) -> None:
+        """rejections = number of ranks that found a non-finite gradient (or GradScaler's found-inf);
+        loss = Σ of the ranks' losses."""
+        inputs = self.inputs
+        inputs.loss = loss[0][0] / world_size if loss else None
+        ok = rejections[0] == 0
+        if self.optimizer.skip_nonfinite and inputs.loss is not None:
+            ok = ok & torch.isfinite(inputs.loss)
+        inputs.ok = ok
+
+    def sync_max(self, partials: torch.Tensor) -> torch.Tensor:
+        """Elementwise max of ``partials`` over the shards (one MAX all-reduce when sharded)."""
+        layout = self.optimizer._layout
+        if layout is None or not layout.sharded:
+            return partials
+        flat = partials.reshape(-1).to(torch.float64).clone()
+        layout.all_reduce_max_(flat)
+        return flat.view(partials.shape)
 
     @property
     def fused(self) -> bool:
         return self.optimizer._backend in ("triton", "cuda")
 
     @functools.cached_property
-    def grad_sq(self) -> torch.Tensor:
-        """(len(items),) fp64: Σg² per tensor, reduced once and only if the guard or the method needs it."""
+    def local_grad_sq(self) -> torch.Tensor:
+        """(len(items),) fp64: Σg² per tensor over this rank's elements, reduced once and only if the
+        guard or the method needs it."""
         if self.fused:
             from lrfree.kernels import common
             return common.grad_sq(self)
         return torch.stack([R.sumsq(it.g) for it in self.items])
+
+    @functools.cached_property
+    def grad_sq(self) -> torch.Tensor:
+        """(len(items),) fp64: Σg² per tensor (over every shard)."""
+        return self.sync(self.local_grad_sq)[0]
 
     def reduce(self, values: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` plus a vector of per-tensor fp64 partials: left to right in the reference (the order
@@ -81,9 +158,10 @@ class StepBatch:
         """The same step restricted to some of its tensors (e.g. the groups with lr > 0)."""
         if len(keep) == len(self.items):
             return self
-        sub = StepBatch([self.items[i] for i in keep], self.loss, self.device, self.optimizer, self.ok)
-        if "grad_sq" in self.__dict__:
-            sub.__dict__["grad_sq"] = self.grad_sq.index_select(0, self.index(keep))
+        sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer)
+        for name in ("local_grad_sq", "grad_sq"):
+            if name in self.__dict__:
+                sub.__dict__[name] = self.__dict__[name].index_select(0, self.index(keep))
         return sub
 
     def vector(self, values: Iterable[float]) -> torch.Tensor:
@@ -132,7 +210,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     requires_loss: ClassVar[bool] = False
 
     def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True,
-                 master_weights: bool = False):
+                 master_weights: bool = False, process_group: Any = None, sharded: bool | None = None):
         V.BOOL(type(self).__name__, "skip_nonfinite", skip_nonfinite)
         V.BOOL(type(self).__name__, "master_weights", master_weights)
         # bf16/fp16 parameters step an fp32 master copy (state "master"), which is rounded into the parameter
@@ -149,6 +227,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
         self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device, self.kernels)
+        # data parallelism (see lrfree.distributed): None single-process, else replicated (DDP) or sharded
+        self._layout = layout_for(type(self).__name__, (p for _, _, p in self._flat_params()), process_group, sharded)
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict) -> None:
@@ -209,7 +289,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """A 0-d tensor that is finite exactly when every gradient element is: Σg² in fp64 by default.
         A method whose first pass reads every gradient anyway may return its own statistic instead
         and save the guard's pass."""
-        return batch.grad_sq.sum()
+        return batch.local_grad_sq.sum()
 
     # ------------------------------------------------------------------ dtype policy
     @staticmethod
@@ -332,20 +412,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                         buf = self._master_grads.get(p)
                         if buf is None or buf.shape != p.shape:
                             buf = self._master_grads[p] = torch.empty_like(state["master"])
-                        buf.copy_(g)
-                        items.append(Item(state["master"], buf, group, gi, flat_index, state))
-                    else:
-                        items.append(Item(p, g, group, gi, flat_index, state))
+                        buf.copy_(local(g))
+                        items.append(Item(state["master"], buf, group, gi, flat_index, state, p))
+                    else:  # a sharded (DTensor) parameter steps its local shard, in place
+                        items.append(Item(local(p), local(g), group, gi, flat_index, state, p))
                 flat_index += 1
         return items
 
     def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """A parameter's initial state: the method's, plus the fp32 master copy under ``master_weights``
-        (the method's state is then initialized from the master, so anchors such as x0 are fp32 too)."""
+        (the method's state is then initialized from the master, so anchors such as x0 are fp32 too).
+        A sharded (DTensor) parameter's state covers its local shard."""
+        p = local(p)
         if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
             master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
             return {**self.init_state(master, group), "master": master}
         return self.init_state(p, group)
+
+    def _stepped(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the steps of parameter ``p`` update: its fp32 master, its local shard, or ``p``."""
+        state = self.state.get(p)
+        return state["master"] if state and "master" in state else local(p)
 
     def _round_masters_into_params(self) -> None:
         params, masters = [], []
@@ -353,7 +440,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if p.grad is not None and state and "master" in state:
-                    params.append(p)
+                    params.append(local(p))
                     masters.append(state["master"])
         if params:
             torch._foreach_copy_(params, masters)
@@ -410,18 +497,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             torch._amp_foreach_non_finite_check_and_unscale_(grads, unused_flag, inv_scale)
 
     def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
-        batch = StepBatch(items=items, loss=loss_t, device=self.device, optimizer=self)
-        if self.skip_nonfinite:
-            ok = torch.isfinite(self._finite_witness(batch))
-            batch.ok = ok & torch.isfinite(loss_t) if loss_t is not None else ok
-        else:
-            batch.ok = torch.ones((), dtype=torch.bool, device=self.device)
+        batch = StepBatch(items=items, inputs=StepInputs(loss_t, None), device=self.device, optimizer=self)
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
-        if found_inf is not None:
-            batch.ok = batch.ok & (found_inf.to(self.device) == 0)
-        ok = batch.ok
+        found_inf = None if found_inf is None else found_inf.to(device=self.device, dtype=torch.float64)
+        layout = self._layout
+        if layout is not None and (layout.sharded or loss_t is not None):
+            # data parallel: whether this rank rejects the step, and its loss, join the step's first collective
+            rejects = torch.zeros((), dtype=torch.float64, device=self.device)
+            if self.skip_nonfinite:
+                rejects = (~torch.isfinite(self._finite_witness(batch))).to(torch.float64)
+            if found_inf is not None:
+                rejects = rejects + (found_inf != 0).to(torch.float64)
+            batch.inputs.pending = [rejects.reshape(1)] + ([loss_t.reshape(1)] if loss_t is not None else [])
+        else:
+            ok = (torch.isfinite(self._finite_witness(batch)) if self.skip_nonfinite
+                  else torch.ones((), dtype=torch.bool, device=self.device))
+            if self.skip_nonfinite and loss_t is not None:
+                ok = ok & torch.isfinite(loss_t)
+            if found_inf is not None:
+                ok = ok & (found_inf == 0)
+            batch.inputs.ok = ok
         self._update(batch)
-        self._scalar_store["skipped"].add_((~ok).to(torch.float64))
+        self._scalar_store["skipped"].add_((~batch.ok).to(torch.float64))
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:

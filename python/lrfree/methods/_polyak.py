@@ -32,7 +32,8 @@ class PolyakFamily(FusedOptimizer):
         raise NotImplementedError
 
     def _update(self, batch: StepBatch) -> None:
-        new = self._rule(batch.loss, self._stats(batch))
+        grad_sq = self._stats(batch)  # first: under data parallelism its collective also averages the loss
+        new = self._rule(batch.loss, grad_sq)
         for name, value in new.items():
             self._set(name, value, batch.ok)
         self._apply(batch, new["step_size"] * batch.per_item("lr"))

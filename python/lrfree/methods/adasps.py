@@ -36,9 +36,11 @@ class AdaSPS(PolyakFamily):
     shared_hyperparameters = ("c_p", "lower_bound")
 
     def __init__(self, params, c_p: float = 1.0, lower_bound: float = 0.0, *, lr: float = 1.0,
-                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         super().__init__(params, dict(c_p=c_p, lower_bound=lower_bound, lr=lr), backend=backend,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         process_group=process_group, sharded=sharded)
 
     def initial_scalars(self):
         # eta_prev: the running minimum η_{t-1}; step_size: the η applied in the last step.

@@ -35,9 +35,11 @@ class COCOB(FusedOptimizer):
     kernels = "cocob"
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
-                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         super().__init__(params, dict(alpha=alpha, eps=eps, weight_decay=weight_decay, lr=lr), backend=backend,
-                         skip_nonfinite=skip_nonfinite, master_weights=master_weights)
+                         skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         z = self.zeros_state

@@ -53,12 +53,13 @@ class DAdaptAdam(DAdaptBase):
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, *, backend: str = "auto",
-                 skip_nonfinite: bool = True, master_weights: bool = False):
+                 skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
                         decouple=decouple, use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
                         fsdp_in_use=fsdp_in_use, layer_scale=1.0)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
@@ -83,7 +84,7 @@ class DAdaptAdam(DAdaptBase):
         lr = self._shared_lr()
         dlr = self._adam_step_size(lr)
         # one pass: ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor; m, v, s and x updated
-        stats = self._pass("dadapt_adam_step")(batch, dlr)
+        stats, = batch.sync(self._pass("dadapt_adam_step")(batch, dlr))
         scale = batch.per_item("layer_scale")
         s_l1 = batch.reduce(scale * stats[:, 1])
         proceed = ok & (s_l1 > 0)

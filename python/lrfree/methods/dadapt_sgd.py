@@ -58,11 +58,12 @@ class DAdaptSGD(DAdaptBase):
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
-                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
                         growth_rate=growth_rate, fsdp_in_use=fsdp_in_use)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "x0": self.copy_of(p)}
@@ -82,13 +83,13 @@ class DAdaptSGD(DAdaptBase):
         return distance_estimate(lr, self.S["d"], numerator, s_sq, self.param_groups[0]["growth_rate"])
 
     def _update(self, batch: StepBatch) -> None:
-        S, ok = self.S, batch.ok
         hp = self.param_groups[0]
         lr = self._shared_lr()
         adapting = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])
         g0_norm, dlr = self._step_size(lr, adapting.reduce(adapting.grad_sq))
+        S, ok = self.S, batch.ok
         # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s and x updated
-        stats = self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"])
+        stats, = batch.sync(self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"]))
         s_sq = batch.reduce(stats[:, 1])
         # s = 0 everywhere (no gradient yet): nothing to estimate; x moved only toward x0 = x
         proceed = ok & (s_sq > 0)

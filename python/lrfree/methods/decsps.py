@@ -46,11 +46,12 @@ class DecSPS(PolyakFamily):
 
     def __init__(self, params, c0: float = 1.0, gamma_b: float = 10.0, lower_bound: float = 0.0, *,
                  decay: str = "sqrt", reference_quirks: bool = False, lr: float = 1.0, backend: str = "auto",
-                 skip_nonfinite: bool = True, master_weights: bool = False):
+                 skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(c0=c0, gamma_b=gamma_b, lower_bound=lower_bound, decay=decay,
                         reference_quirks=reference_quirks, lr=lr)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def initial_scalars(self):
         hp = self.param_groups[0]
@@ -59,7 +60,7 @@ class DecSPS(PolyakFamily):
     def _stats(self, batch: StepBatch) -> torch.Tensor:
         if self.param_groups[0]["reference_quirks"]:
             # reproducing the reference is a testing aid: its statistic runs in plain torch on any backend
-            return batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items)
+            return batch.sync(batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items))[0]
         return super()._stats(batch)
 
     def _rule(self, loss, grad_sq):

@@ -26,6 +26,7 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
+from ..distributed import local
 from ..optimizer import FusedOptimizer, StepBatch
 
 
@@ -48,7 +49,8 @@ class DoG(FusedOptimizer):
 
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, backend: str = "auto",
-                 skip_nonfinite: bool = True, master_weights: bool = False):
+                 skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         if init_eta is None and not reps_rel > 0:
             raise ValueError(f"{type(self).__name__}: invalid reps_rel={reps_rel!r}; expected a real number > 0 "
                              "(1e-6 is the suggested value, 1e-4 with batch normalization)")
@@ -56,7 +58,7 @@ class DoG(FusedOptimizer):
                         eps=eps, init_eta=init_eta)
         self._x0_norm_ready: set[int] = set()
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"x0": self.copy_of(p)}
@@ -77,24 +79,25 @@ class DoG(FusedOptimizer):
     def _segment(self, it) -> int:
         return it.flat_index if self.per_tensor else it.group_index
 
-    def _anchor_all(self, batch: StepBatch) -> None:
-        """‖x_0‖ of every segment the first time it steps (host-known; not a per-step cost).
+    def _new_anchors(self, batch: StepBatch) -> tuple[list[int], torch.Tensor]:
+        """The segments stepping for the first time, and ‖x_0‖² of each over this rank's elements (a
+        host-known set: not a per-step cost).
 
         Parameters of a segment without a gradient yet have not moved, so their x_0 is their value now.
         """
+        segments, norms = [], []
         for it in batch.items:
             seg = self._segment(it)
-            if seg in self._x0_norm_ready:
+            if seg in self._x0_norm_ready or seg in segments:
                 continue
             members = [it.p] if self.per_tensor else it.group["params"]
-            norm_sq = batch.total(R.sumsq(self.state[q]["x0"]) if "x0" in self.state.get(q, {}) else R.sumsq(q)
-                                  for q in members)
-            self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
-            self._x0_norm_ready.add(seg)
+            segments.append(seg)
+            norms.append(batch.total(R.sumsq(self.state[q]["x0"]) if "x0" in self.state.get(q, {})
+                                     else R.sumsq(local(q)) for q in members))
+        return segments, torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=batch.device)
 
     def _update(self, batch: StepBatch) -> None:
-        self._anchor_all(batch)
-        ok = batch.ok
+        anchored, anchor_sq = self._new_anchors(batch)
         decay = batch.per_item("weight_decay") if any(it.group["weight_decay"] for it in batch.items) else None
         stats = self._pass("dog_stats")(batch, decay)  # (items, 2): ‖g + λx‖², ‖x − x0‖²
         # segments of the step, in item order (items come group by group, so a segment is contiguous)
@@ -105,12 +108,18 @@ class DoG(FusedOptimizer):
                 segments.append(seg)
                 bounds.append(i)
         bounds.append(len(batch.items))
+        # every statistic of the step, made global in one collective when the parameters are sharded
+        stats, anchor_sq, resting = batch.sync(stats, anchor_sq, self._resting_distances(batch, segments))
+        for seg, norm_sq in zip(anchored, anchor_sq.unbind()):
+            self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
+            self._x0_norm_ready.add(seg)
+        ok = batch.ok
         if len(segments) == len(batch.items):
             grad_sq, dist_sq = stats[:, 0], stats[:, 1]
         else:
             grad_sq = torch.stack([batch.reduce(stats[a:b, 0]) for a, b in zip(bounds, bounds[1:])])
             dist_sq = torch.stack([batch.reduce(stats[a:b, 1]) for a, b in zip(bounds, bounds[1:])])
-        dist_sq = dist_sq + self._resting_distances(batch, segments)
+        dist_sq = dist_sq + resting
         seg_index = batch.index(segments)
         groups = [batch.items[a].group for a in bounds[:-1]]
         new = self._rule(seg_index, groups, grad_sq, dist_sq, batch)
@@ -124,12 +133,12 @@ class DoG(FusedOptimizer):
         """‖x − x0‖² of parameters that moved earlier but have no gradient now (rare: plain torch)."""
         if self.per_tensor:
             return torch.zeros((), dtype=torch.float64, device=batch.device)
-        active = {id(it.p) for it in batch.items}
+        active = {id(it.param) for it in batch.items}
         extra = []
         for seg in segments:
             resting = [p for p in self.param_groups[seg]["params"]
                        if id(p) not in active and "x0" in self.state.get(p, {})]
-            extra.append(batch.total(R.sumsq(R.up(p, p) - R.up(self.state[p]["x0"], p)) for p in resting))
+            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), p) - R.up(self.state[p]["x0"], p)) for p in resting))
         return torch.stack(extra)
 
     # -- the scalar rule (vectors over the step's segments; shared by every backend) -------------
@@ -154,7 +163,7 @@ class DoG(FusedOptimizer):
         rows = []
         for i, it in enumerate(batch.items):
             x = R.up(it.p, it.p)
-            grad_sq = batch.grad_sq[i] if decay is None else R.sumsq(R.axpy(R.up(it.g, it.p), x, decay[i]))
+            grad_sq = batch.local_grad_sq[i] if decay is None else R.sumsq(R.axpy(R.up(it.g, it.p), x, decay[i]))
             rows.append(torch.stack([grad_sq, R.sumsq(x - R.up(it.state["x0"], it.p))]))
         return torch.stack(rows)
 

@@ -23,6 +23,7 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
+from ..distributed import local
 from ..optimizer import StepBatch
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
@@ -46,9 +47,11 @@ class InexactPolyak(PolyakFamily):
     shared_hyperparameters = ("T", "lower_bound", "best_iterate")
 
     def __init__(self, params, T: int, lower_bound: float = 0.0, *, lr: float = 1.0, best_iterate: bool = False,
-                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         super().__init__(params, dict(T=T, lower_bound=lower_bound, lr=lr, best_iterate=best_iterate),
-                         backend=backend, skip_nonfinite=skip_nonfinite, master_weights=master_weights)
+                         backend=backend, skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"best": self.copy_of(p)} if group["best_iterate"] else {}
@@ -68,14 +71,14 @@ class InexactPolyak(PolyakFamily):
         # same pass that updates it
         improved = batch.ok & (batch.loss <= self.S["best_loss"])
         self._pass("sgd_apply")(batch, coef, copy_best=improved)
-        self._record_if_best(batch.loss, improved, skip={id(it.p) for it in batch.items})
+        self._record_if_best(batch.loss, improved, skip={id(it.param) for it in batch.items})
 
     # -- best iterate ---------------------------------------------------------------------------
     def _record_if_best(self, loss: torch.Tensor, improved: torch.Tensor, skip=frozenset()) -> None:
         """``best ← x`` (where ``improved``) for every parameter with a best copy not in ``skip``."""
         for p, state in self.state.items():
             if "best" in state and id(p) not in skip:
-                R.commit_(state["best"], p, improved)
+                R.commit_(state["best"], self._stepped(p), improved)
         self._set("best_loss", loss, improved)
 
     @torch.no_grad()
@@ -95,4 +98,6 @@ class InexactPolyak(PolyakFamily):
             raise ValueError("InexactPolyak.load_best needs best_iterate=True")
         for p, state in self.state.items():
             if "best" in state:
-                p.copy_(state["best"])
+                self._stepped(p).copy_(state["best"])
+                if "master" in state:
+                    local(p).copy_(state["master"])

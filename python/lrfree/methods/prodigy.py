@@ -59,12 +59,13 @@ class Prodigy(DAdaptBase):
                  weight_decay: float = 0, decouple: bool = True, use_bias_correction: bool = False,
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, slice_p: int = 1, *,
-                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False):
+                 backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     @staticmethod
     def _sliced(t: torch.Tensor, group: dict) -> torch.Tensor:
@@ -103,7 +104,7 @@ class Prodigy(DAdaptBase):
         d = S["d"]
         dlr = self._adam_step_size(lr)
         # pass A: ⟨g_J, p0 − x_J⟩ and ‖s_new‖₁ per tensor; m, v and s updated
-        stats = self._pass("prodigy_stats")(batch, d, dlr)
+        stats, = batch.sync(self._pass("prodigy_stats")(batch, d, dlr))
         denominator = batch.reduce(stats[:, 1])
         proceed = ok & (denominator > 0)
         new = self._rule(lr, batch.reduce((d / batch.per_item("d0")) * dlr * stats[:, 0]), denominator)

@@ -66,11 +66,12 @@ class PSDASGD(DAdaptBase):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
                  *, scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
-                 master_weights: bool = False):
+                 master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
                         weight_decay=weight_decay, amsgrad=amsgrad, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         state = init_scaling_state(self, p, group)
@@ -84,13 +85,14 @@ class PSDASGD(DAdaptBase):
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0, "scale_ratio": 1.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _step_size(self, lr: float, scaled_grad_sq: torch.Tensor, alpha_sq_sum: torch.Tensor, n_elements: int):
+    def _step_size(self, lr: float, scaled_grad_sq: torch.Tensor, alpha_sq_sum: torch.Tensor,
+                   n_elements: torch.Tensor):
         """(n_0, d, λ): n_0 = ‖g/α‖ and d = d0·rms(α) are fixed at the first step with a non-zero
         gradient; λ = d γ / n_0."""
         S = self.S
         started = S["g0_norm"] > 0
         g0_norm = torch.where(started, S["g0_norm"], scaled_grad_sq.sqrt())
-        d = torch.where(started, S["d"], self.param_groups[0]["d0"] * (alpha_sq_sum / max(n_elements, 1)).sqrt())
+        d = torch.where(started, S["d"], self.param_groups[0]["d0"] * (alpha_sq_sum / n_elements.clamp_min(1.0)).sqrt())
         return g0_norm, d, R.safe_div(d * lr, g0_norm)
 
     def _rule(self, lr: float, d: torch.Tensor, numerator: torch.Tensor, weighted_sq: torch.Tensor):
@@ -98,7 +100,7 @@ class PSDASGD(DAdaptBase):
         return distance_estimate(lr, d, numerator, weighted_sq, self.param_groups[0]["growth_rate"])
 
     def _update(self, batch: StepBatch) -> None:
-        S, ok = self.S, batch.ok
+        S = self.S
         hp = self.param_groups[0]
         lr = self._shared_lr()
         t = S["steps"] + 1
@@ -109,12 +111,18 @@ class PSDASGD(DAdaptBase):
         # n_0 and rms(α_0) come from the first step with a non-zero gradient (the fused pass returns at
         # once after that)
         start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0)
-        g0_norm, d, dlr = self._step_size(lr, sub.reduce(start[:, 0]), sub.reduce(start[:, 1]),
-                                          sum(it.p.numel() for it in sub.items))
+        n_elements = torch.full((), float(sum(it.p.numel() for it in sub.items)), dtype=torch.float64,
+                                device=batch.device)
+        start, n_elements = sub.sync(start, n_elements)
+        g0_norm, d, dlr = self._step_size(lr, sub.reduce(start[:, 0]), sub.reduce(start[:, 1]), n_elements)
+        ok = batch.ok
         # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated
         stats = self._pass("psdasgd_step")(sub, coefficients, dlr)
+        sums, = sub.sync(stats[:, :2])
         # (a tensor without elements reduces to max = -inf: clamp before the square root)
-        ratio = torch.where(t > 1, stats[:, 2].max().clamp_min(1.0).sqrt(), torch.ones_like(t))
+        max_ratio = sub.sync_max(stats[:, 2].max())
+        stats = torch.cat([sums, stats[:, 2:]], dim=1)
+        ratio = torch.where(t > 1, max_ratio.clamp_min(1.0).sqrt(), torch.ones_like(t))
         weighted_sq = sub.reduce(stats[:, 1])
         proceed = ok & (weighted_sq > 0)
         new = self._rule(lr, d, sub.reduce(dlr * stats[:, 0], start=S["numerator"] / ratio), weighted_sq)

@@ -63,12 +63,13 @@ class PSSPS(FusedOptimizer):
                  amsgrad: bool = False, *, lr: float = 1.0, weight_decay: float = 0.0, smooth: bool = True,
                  gamma: float = 2.0, n_batches_per_epoch: int = 500, eta_max: float | None = None,
                  scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
-                 master_weights: bool = False):
+                 master_weights: bool = False,
+                 process_group=None, sharded: bool | None = None):
         defaults = dict(c=c, f_star=f_star, betas=tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
                         weight_decay=weight_decay, smooth=smooth, gamma=gamma,
                         n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights)
+                         master_weights=master_weights, process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return init_scaling_state(self, p, group)
@@ -89,7 +90,8 @@ class PSSPS(FusedOptimizer):
         return {"step_size": eta, "smooth_ref": ref, "scaled_grad_norm": scaled_sq.sqrt()}
 
     def _stats(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coefficients, ‖g/α‖²): the stats pass, once per step (α from this step's v, nothing written)."""
+        """(coefficients, ‖g/α‖² over this rank's elements): the stats pass, once per step (α from this
+        step's v, nothing written)."""
         if not hasattr(batch, "_pssps_stats"):
             coefficients = scale_coefficients(self.param_groups[0], self.S["steps"] + 1)
             scaled_sq = batch.reduce(self._pass("pssps_stats")(batch, coefficients)[:, 0])
@@ -102,8 +104,9 @@ class PSSPS(FusedOptimizer):
         return self._stats(batch)[1]
 
     def _update(self, batch: StepBatch) -> None:
+        coefficients, local_scaled_sq = self._stats(batch)
+        scaled_sq, = batch.sync(local_scaled_sq)  # the step's one collective when sharded
         S, ok = self.S, batch.ok
-        coefficients, scaled_sq = self._stats(batch)
         new = self._rule(batch.loss, scaled_sq)
         # apply pass: v, m and x updated
         self._pass("pssps_apply")(batch, coefficients, new["step_size"] * batch.per_item("lr"))
