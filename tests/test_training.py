@@ -261,3 +261,65 @@ def test_master_weights_keep_updates_smaller_than_the_rounding_step():
             assert torch.equal(resumed.state[resumed_p]["master"], opt.state[p]["master"])
     assert torch.equal(finals[False], torch.ones(1000))
     assert bool((finals[True] < 0.95).all())
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+
+def _scheduled_run(info, lr, compiled: bool):
+    """Six steps of a small regression inside one training-step function, lr decayed by a scheduler."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = info.make(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    x, y = torch.randn(32, 8), torch.randn(32, 1)
+
+    def train_step():
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step(loss=loss.detach())
+        opt.zero_grad()
+        return loss
+
+    fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(6):
+            fn()
+            sched.step()
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
+def test_step_inside_a_compiled_training_step_never_recompiles(info, tensor_lr):
+    """The compiled step runs the optimizer eagerly as one opaque call: a scheduler changing lr every step
+    causes no recompile (error_on_recompile), and the run equals the eager float-lr run bit for bit."""
+    base = info.kwargs.get("lr", 1.0)
+    lr = torch.tensor(base, dtype=torch.float64) if tensor_lr else base
+    eager = _scheduled_run(info, base, compiled=False)
+    compiled = _scheduled_run(info, lr, compiled=True)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("lr,error,match", [
+    (torch.tensor([1.0]), TypeError, "0-d real floating-point tensor"),
+    (torch.tensor(1), TypeError, "0-d real floating-point tensor"),
+    (torch.tensor(-1.0), ValueError, "invalid lr"),
+    (torch.tensor(1.0, device="meta"), ValueError, "keep a tensor lr on the CPU"),
+])
+def test_tensor_lr_is_validated(lr, error, match):
+    with pytest.raises(error, match=match):
+        lrfree.DAdaptAdam([torch.nn.Parameter(torch.zeros(3))], lr=lr)
+
+
+def test_a_bad_value_written_into_a_tensor_lr_is_refused_before_the_step_changes_anything():
+    p = torch.nn.Parameter(torch.ones(3))
+    lr = torch.tensor(1.0)
+    opt = lrfree.DAdaptAdam([p], lr=lr)
+    p.grad = torch.ones_like(p)
+    lr.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: invalid lr=nan"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and not opt.state
+    assert opt.param_groups[0]["lr"] is lr

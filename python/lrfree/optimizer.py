@@ -13,6 +13,7 @@ value on the host, so a step never synchronizes and can be captured in a CUDA gr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -445,6 +446,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if params:
             torch._foreach_copy_(params, masters)
 
+    # Inside a torch.compile'd training step the optimizer step runs eagerly, as one opaque call: it is
+    # fused kernels already, and tracing its Python (lazy state, caches) would guard on optimizer state and
+    # on lr values, recompiling whenever they change.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, loss: Any = None) -> Any:
         """Perform one optimization step.
@@ -463,6 +468,28 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__}.step: pass either closure or loss, not both")
             with torch.enable_grad():
                 loss = closure()
+        with self._lr_as_floats():
+            return self._step(loss)
+
+    @contextlib.contextmanager
+    def _lr_as_floats(self):
+        """A tensor ``lr`` (see validation.lr_value) is read once per step and seen as a float by the
+        method's code for the step's duration; the group keeps the user's tensor."""
+        tensors = {}
+        for i, group in enumerate(self.param_groups):
+            if isinstance(group.get("lr"), torch.Tensor):
+                tensors[i] = group["lr"]
+                where = f"{type(self).__name__} param_groups[{i}]"
+                value = V.lr_value(where, tensors[i])
+                self.hyperparameters["lr"](where, "lr", value)
+                group["lr"] = value
+        try:
+            yield
+        finally:
+            for i, lr in tensors.items():
+                self.param_groups[i]["lr"] = lr
+
+    def _step(self, loss: Any) -> Any:
         loss_t = self._loss_tensor(loss)
         items = self._gather()
         if items:

@@ -92,11 +92,27 @@ def betas(n: int = 2) -> Check:
     )
 
 
+def lr_value(where: str, lr: Any) -> Any:
+    """``lr`` as the step reads it: a 0-d CPU tensor (torch.optim's "tensor lr", which schedulers update
+    in place and torch.compile treats as an input, not a constant) becomes its float; anything else is
+    returned as it is. A device tensor is refused: reading it every step would synchronize."""
+    if not isinstance(lr, torch.Tensor):
+        return lr
+    if lr.dim() != 0 or lr.is_complex() or not lr.is_floating_point():
+        raise TypeError(f"{where}: invalid lr; a tensor lr must be a 0-d real floating-point tensor, got "
+                        f"shape {tuple(lr.shape)} {lr.dtype}")
+    if lr.device.type != "cpu":
+        raise ValueError(f"{where}: lr is a tensor on {lr.device}; lrfree reads lr on the host at every step, "
+                         "so keep a tensor lr on the CPU (torch.tensor(value)) where reading it never synchronizes")
+    return float(lr)
+
+
 def validate_group(owner: str, index: int | None, group: Mapping[str, Any], checks: Mapping[str, Check]) -> None:
     where = owner if index is None else f"{owner} param_groups[{index}]"
     for name, check in checks.items():
         if name in group:
-            check(where, name, group[name])
+            value = lr_value(where, group[name]) if name == "lr" else group[name]
+            check(where, name, value)
 
 
 def param_label(group: Mapping[str, Any], group_index: int, param_index: int, p: torch.Tensor) -> str:
