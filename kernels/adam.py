@@ -13,13 +13,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
 def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, ok,
-                 X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 sr_seeds, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -43,7 +44,7 @@ def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
         tl.store(vmax_ptr + offs, v, mask=mask)
     denom = tl.sqrt(v) / tl.load(row + 8).to(ACC) + tl.load(row + 4).to(ACC)
-    tl.store(x_ptr + offs, (x - tl.load(row + 7).to(ACC) * (m / denom)).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param(x - tl.load(row + 7).to(ACC) * (m / denom), X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def adam_step(opt, batch, step: torch.Tensor) -> None:
@@ -67,4 +68,4 @@ def adam_step(opt, batch, step: torch.Tensor) -> None:
         rows = table if group.whole else table.index_select(0, group._indices())
         launch(_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, rows, ok_flag(batch), X=group.tl_dtype, ACC=group.acc, DECOUPLED=opt.decoupled,
-               AMSGRAD=group.variant, BLOCK=geo.block)
+               AMSGRAD=group.variant, BLOCK=geo.block, **rounding(batch, group))

@@ -9,13 +9,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
 def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_start, clip, lr, decay, momentum,
-                          nesterov, ok, X: tl.constexpr, ACC: tl.constexpr, HAS_BUF: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          nesterov, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, HAS_BUF: tl.constexpr,
+                          SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -29,7 +30,7 @@ def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_
         buf = mu * tl.load(buf_ptr + offs, mask=mask) + d
         tl.store(buf_ptr + offs, buf, mask=mask)
         d = tl.where(tl.load(nesterov + t) != 0, d + mu * buf, buf)
-    tl.store(x_ptr + offs, (x - tl.load(lr + t).to(ACC) * d).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param(x - tl.load(lr + t).to(ACC) * d, X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
@@ -45,4 +46,4 @@ def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
         launch(_clipped_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1),
                geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, clip,
                group.take(lr), group.take(decay), group.take(momentum), group.take(nesterov), ok_flag(batch),
-               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, BLOCK=geo.block)
+               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, BLOCK=geo.block, **rounding(batch, group))

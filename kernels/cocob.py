@@ -10,12 +10,13 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
 def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs, numels, block_tensor, block_start,
-                  decay_vec, coeffs, ok, X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  decay_vec, coeffs, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -37,7 +38,7 @@ def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs
     tl.store(theta_ptr + offs, theta, mask=mask)
     tl.store(gsum_ptr + offs, gsum, mask=mask)
     tl.store(r_ptr + offs, reward, mask=mask)
-    tl.store(x_ptr + offs, ((reward + big_l) * theta / denom + x0).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param((reward + big_l) * theta / denom + x0, X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def cocob_step(opt, batch, scale: float) -> None:
@@ -48,4 +49,4 @@ def cocob_step(opt, batch, scale: float) -> None:
         geo = group.geo
         launch(_cocob_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, group.take(decay), coeffs, ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
-               BLOCK=geo.block)
+               BLOCK=geo.block, **rounding(batch, group))

@@ -12,13 +12,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
 @triton.jit
 def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_vec,
-                        decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, X: tl.constexpr,
-                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, BLOCK: tl.constexpr):
+                        decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, sr_seeds, X: tl.constexpr,
+                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     # (β1, 1−β1, β2, 1−β2, √β2, 1−√β2): the complements come from the host in fp64, since 1 − β2
@@ -57,11 +58,11 @@ def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_te
         tl.store(partials + 2 * pid + 1, 0.0)
     if DECOUPLE:
         x = x - decay * dlr * x
-    tl.store(x_ptr + offs, (x - m / (tl.sqrt(v) + eps)).to(X), mask=mask & accept)
+    tl.store(x_ptr + offs, to_param(x - m / (tl.sqrt(v) + eps), X, SR, sr_seeds, t, offs), mask=mask & accept)
 
 
 def dadapt_adam_step(opt, batch, dlr: torch.Tensor) -> torch.Tensor:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group()
     beta1, beta2 = hp["betas"]
     coeffs = batch.vector((beta1, 1 - beta1, beta2, 1 - beta2, beta2 ** 0.5, 1 - beta2 ** 0.5))
     eps, decay, scale = batch.per_item("eps"), batch.per_item("weight_decay"), batch.per_item("layer_scale")
@@ -74,6 +75,6 @@ def dadapt_adam_step(opt, batch, dlr: torch.Tensor) -> torch.Tensor:
         launch(_dadapt_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(eps), group.take(decay), group.take(scale),
                group.take(adapting), dlr, ok_flag(batch), partials, coeffs, X=group.tl_dtype, ACC=group.acc,
-               DECOUPLE=hp["decouple"], BLOCK=geo.block)
+               DECOUPLE=hp["decouple"], BLOCK=geo.block, **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
@@ -48,8 +49,8 @@ def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numel
 
 @triton.jit
 def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, decay_vec, eps_vec,
-                          dlr_ptr, d_new_ptr, proceed, X: tl.constexpr, ACC: tl.constexpr, COUPLED: tl.constexpr,
-                          HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+                          dlr_ptr, d_new_ptr, proceed, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, COUPLED: tl.constexpr,
+                          HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(proceed) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -69,7 +70,7 @@ def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, 
         step = dlr * d_new * g / denom
     if not COUPLED:
         x = x - decay * dlr * x
-    tl.store(x_ptr + offs, (x - step).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param(x - step, X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def _slots(it):
@@ -78,7 +79,7 @@ def _slots(it):
 
 
 def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group()
     beta1, beta2 = hp["betas"]
     beta3 = hp["beta3"] if hp["beta3"] is not None else beta2 ** 0.5
     coeffs = torch.stack([torch.full_like(d, beta1), d * (1 - beta1), torch.full_like(d, beta2),
@@ -101,7 +102,7 @@ def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tenso
 
 
 def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: torch.Tensor) -> None:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group()
     flag = proceed.to(torch.int32)
     decay, eps = batch.per_item("weight_decay"), batch.per_item("eps")
     for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state.get("exp_avg", it.state["exp_avg_sq"]),
@@ -110,4 +111,4 @@ def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: t
         launch(_prodigy_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(4)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), dlr, d_new, flag,
                X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"], HAS_M=hp["betas"][0] > 0,
-               BLOCK=geo.block)
+               BLOCK=geo.block, **rounding(batch, group))

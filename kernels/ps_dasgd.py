@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
 
@@ -40,9 +41,9 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 
 @triton.jit
 def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, numels, block_tensor, block_start,
-                 c, decay_vec, dlr_ptr, averaging, ok, partials, X: tl.constexpr, ACC: tl.constexpr,
+                 c, decay_vec, dlr_ptr, averaging, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr,
                  SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 SR: tl.constexpr, BLOCK: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
     x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
@@ -83,7 +84,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
         x = x * tl.load(averaging).to(ACC) + (x0 - s) * tl.load(averaging + 1).to(ACC)
     else:
         x = x - dlr * u
-    tl.store(x_ptr + offs, x.to(X), mask=store)
+    tl.store(x_ptr + offs, to_param(x, X, SR, sr_seeds, t, offs), mask=store)
 
 
 def _state_slots(it, hp):
@@ -97,7 +98,7 @@ def _flags(hp):
 
 
 def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group()
     flag = started.to(torch.int32)
     parts = []
     for group in dtype_groups(batch, lambda it: _state_slots(it, hp)):
@@ -110,7 +111,7 @@ def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.T
 
 
 def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group()
     decay = batch.per_item("weight_decay")
     averaging = batch.vector((hp["momentum"], 1.0 - hp["momentum"]))
     parts = []
@@ -120,6 +121,6 @@ def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor
         launch(_step_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(decay), dlr, averaging, ok_flag(batch), partials,
                X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=hp["momentum"] > 0,
-               BLOCK=geo.block, **_flags(hp))
+               BLOCK=geo.block, **_flags(hp), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials, max_columns=(2,))))
     return assemble(batch, parts)

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
 
@@ -44,8 +45,8 @@ def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 
 @triton.jit
 def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, coef, decay_vec,
-                  ok, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  HAS_M: tl.constexpr, BLOCK: tl.constexpr):
+                  ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
+                  HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -67,7 +68,7 @@ def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tenso
     if HAS_M:
         tl.store(m_ptr + offs, m_new, mask=mask)
     u = u + tl.load(decay_vec + t).to(ACC) * x
-    tl.store(x_ptr + offs, (x - tl.load(coef + t).to(ACC) * u).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param(x - tl.load(coef + t).to(ACC) * u, X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def _slots(it):
@@ -99,4 +100,4 @@ def pssps_apply(opt, batch, c: torch.Tensor, coef: torch.Tensor) -> None:
         geo = group.geo
         launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(coef), group.take(decay), ok_flag(batch), X=group.tl_dtype,
-               ACC=group.acc, HAS_M=hp["betas"][0] > 0, BLOCK=geo.block, **_flags(hp))
+               ACC=group.acc, HAS_M=hp["betas"][0] > 0, BLOCK=geo.block, **_flags(hp), **rounding(batch, group))

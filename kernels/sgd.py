@@ -13,13 +13,14 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements
+from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
 def _sgd_apply_kernel(x_ptrs, g_ptrs, best_ptrs, numels, block_tensor, block_start, coef, decay, ok, copy_best,
-                      X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, TRACK_BEST: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      sr_seeds, X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, TRACK_BEST: tl.constexpr,
+                      SR: tl.constexpr, BLOCK: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
@@ -31,7 +32,7 @@ def _sgd_apply_kernel(x_ptrs, g_ptrs, best_ptrs, numels, block_tensor, block_sta
     if TRACK_BEST:
         if tl.load(copy_best) != 0:
             tl.store(tl.load(best_ptrs + t).to(tl.pointer_type(X)) + offs, x.to(X), mask=mask)
-    tl.store(x_ptr + offs, (x - tl.load(coef + t).to(ACC) * g).to(X), mask=mask)
+    tl.store(x_ptr + offs, to_param(x - tl.load(coef + t).to(ACC) * g, X, SR, sr_seeds, t, offs), mask=mask)
 
 
 def sgd_apply(opt, batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
@@ -46,4 +47,4 @@ def sgd_apply(opt, batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
         launch(_sgd_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2) if track else geo.slot(0),
                geo.numels, geo.block_tensor, geo.block_start, group.take(coef),
                group.take(decay) if decay is not None else coef, ok_flag(batch), best_flag,
-               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, TRACK_BEST=track, BLOCK=geo.block)
+               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, TRACK_BEST=track, BLOCK=geo.block, **rounding(batch, group))

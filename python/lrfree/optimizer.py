@@ -71,6 +71,21 @@ class StepBatch:
     inputs: StepInputs
     device: torch.device
     optimizer: "FusedOptimizer"
+    sr_base: torch.Tensor | None = None  # 0-d int64 step seed under stochastic rounding, else None
+
+    @functools.cached_property
+    def sr_seeds(self) -> torch.Tensor | None:
+        """(len(items),) int64: every tensor's stochastic-rounding seed for this step (None: round to nearest)."""
+        if self.sr_base is None:
+            return None
+        return R.tensor_seed(self.sr_base, self.index(it.flat_index for it in self.items))
+
+    def rounded(self, it: Item, value: torch.Tensor) -> torch.Tensor:
+        """The reference backend's rounding of a new parameter value: stochastic to bf16 under
+        ``stochastic_rounding`` (the same bits as the fused kernels), else left to the store."""
+        if self.sr_base is None or it.p.dtype != torch.bfloat16:
+            return value
+        return R.stochastic_round_bf16(value, R.tensor_seed(self.sr_base, torch.tensor(it.flat_index)))
 
     @property
     def loss(self) -> torch.Tensor | None:
@@ -159,7 +174,7 @@ class StepBatch:
         """The same step restricted to some of its tensors (e.g. the groups with lr > 0)."""
         if len(keep) == len(self.items):
             return self
-        sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer)
+        sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer, self.sr_base)
         for name in ("local_grad_sq", "grad_sq"):
             if name in self.__dict__:
                 sub.__dict__[name] = self.__dict__[name].index_select(0, self.index(keep))
@@ -211,9 +226,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     requires_loss: ClassVar[bool] = False
 
     def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True,
-                 master_weights: bool = False, process_group: Any = None, sharded: bool | None = None):
-        V.BOOL(type(self).__name__, "skip_nonfinite", skip_nonfinite)
-        V.BOOL(type(self).__name__, "master_weights", master_weights)
+                 master_weights: bool = False, stochastic_rounding: bool = False, process_group: Any = None,
+                 sharded: bool | None = None):
+        owner = type(self).__name__
+        V.BOOL(owner, "skip_nonfinite", skip_nonfinite)
+        V.BOOL(owner, "master_weights", master_weights)
+        V.BOOL(owner, "stochastic_rounding", stochastic_rounding)
+        if master_weights and stochastic_rounding:
+            raise ValueError(f"{owner}: master_weights and stochastic_rounding are two answers to the same "
+                             "problem (updates below bf16's resolution); choose one")
+        # bf16 parameters are stored from the fp32 update by stochastic rounding (lrfree.kernels.rounding)
+        self.stochastic_rounding = stochastic_rounding
         # bf16/fp16 parameters step an fp32 master copy (state "master"), which is rounded into the parameter
         # after every step: updates smaller than the parameter's rounding step are kept, not lost.
         self.master_weights = master_weights
@@ -228,6 +251,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
         self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device, self.kernels)
+        if stochastic_rounding and self._backend == "cuda":
+            raise ValueError(f"{owner}: stochastic_rounding runs on the 'torch' and 'triton' backends; the compiled "
+                             "extension rounds to nearest")
         # data parallelism (see lrfree.distributed): None single-process, else replicated (DDP) or sharded
         self._layout = layout_for(type(self).__name__, (p for _, _, p in self._flat_params()), process_group, sharded)
 
@@ -243,6 +269,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["params"][0].device if group["params"] else None)
             for j, p in enumerate(group["params"]):
                 V.validate_param(owner, group, index, j, p)
+                if self.stochastic_rounding and p.dtype == torch.float16:
+                    raise ValueError(f"{owner}: {V.param_label(group, index, j, p)} is float16; stochastic_rounding "
+                                     "rounds bfloat16 parameters (fp32/fp64 ones are unaffected); use "
+                                     "master_weights=True for float16")
                 if p.device != expected:
                     raise ValueError(
                         f"{owner}: {V.param_label(group, index, j, p)} is on {p.device} but other "
@@ -286,6 +316,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _update(self, batch: StepBatch) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def rule_group(self, group: dict | None = None) -> dict:
+        """The param group whose hyperparameters drive the method's global rule (betas, growth rate, ...):
+        group 0, as in the reference implementations. ``group`` is the group asking (for its state)."""
+        return self.param_groups[0]
+
     def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
         """A 0-d tensor that is finite exactly when every gradient element is: Σg² in fp64 by default.
         A method whose first pass reads every gradient anyway may return its own statistic instead
@@ -325,7 +360,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         f64 = dict(dtype=torch.float64, device=self.device)
         store, domain = self._scalar_store, self._scalar_domain
         if not store:
-            for name, value in {"steps": 0.0, "skipped": 0.0, **self.initial_scalars()}.items():
+            counters = {"steps": 0.0, "skipped": 0.0, **({"rounding_step": 0.0} if self.stochastic_rounding else {})}
+            for name, value in {**counters, **self.initial_scalars()}.items():
                 store[name] = torch.full((), float(value), **f64)
                 domain[name] = GLOBAL
         n_groups, n_params = self._store_shape
@@ -342,15 +378,17 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def S(self) -> dict[str, torch.Tensor]:
-        """The live scalar store (fp64 device tensors). Methods update it only through :meth:`_set`."""
-        return self._scalar_store
+        """The live scalar store (fp64 device tensors), or the view of it a method is stepping with (see
+        DAdaptBase's per-group d). Methods update it only through :meth:`_set`."""
+        view = getattr(self, "_scalar_view", None)
+        return self._scalar_store if view is None else view
 
     def _set(self, name: str, value: torch.Tensor | float, ok: torch.Tensor, index: int | slice | None = None) -> None:
         """Write a new scalar value in place, only if the step is accepted.
 
         In-place writes keep the tensor's storage fixed, which is what CUDA-graph replay needs.
         """
-        dst = self._scalar_store[name] if index is None else self._scalar_store[name][index]
+        dst = self.S[name] if index is None else self.S[name][index]
         value = value.to(torch.float64) if isinstance(value, torch.Tensor) else torch.full_like(dst, value)
         dst.copy_(torch.where(ok, value, dst))
 
@@ -525,6 +563,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
         batch = StepBatch(items=items, inputs=StepInputs(loss_t, None), device=self.device, optimizer=self)
+        if self.stochastic_rounding:
+            counter = self._scalar_store["rounding_step"]
+            batch.sr_base = R.step_seed(counter)
+            counter.add_(1.0)  # every step draws new bits, taken or skipped
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
         found_inf = None if found_inf is None else found_inf.to(device=self.device, dtype=torch.float64)
         layout = self._layout

@@ -168,6 +168,9 @@ class Launcher:
                 pointers.append(int(a))
             else:
                 raise TypeError(f"lrfree: cannot pass {type(a).__name__} to the extension kernel {key}")
+        if constexprs.get("SR"):
+            raise NotImplementedError("lrfree: the CUDA extension rounds to nearest; stochastic rounding runs on "
+                                      "the 'torch' and 'triton' backends")
         flags = [int(constexprs[n]) for n in names]
         x = constexprs.get("X", constexprs.get("G"))  # the storage dtype (the Σg² kernel calls it G)
         dtype = _DTYPE_CODES[args[0].dtype] if x is None else _TL_CODES[str(x)]

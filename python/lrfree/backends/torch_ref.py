@@ -90,4 +90,37 @@ def sgd_apply_(batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
         if copy_best is not None:
             commit_(it.state["best"], it.p, copy_best)
         d = up(it.g, it.p) if decay is None else axpy(up(it.g, it.p), x, decay[i])
-        commit_(it.p, axpy(x, d, -coef[i]), batch.ok)
+        commit_(it.p, batch.rounded(it, axpy(x, d, -coef[i])), batch.ok)
+
+
+# ----------------------------------------------------------------------------------- stochastic rounding
+_MASK32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # lrfree.kernels.rounding.MIX
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit mixer of ``lrfree.kernels.rounding.mix32`` on int64 tensors holding uint32 values."""
+    x = ((x ^ (x >> 16)) * _MIX) & _MASK32
+    x = ((x ^ (x >> 16)) * _MIX) & _MASK32
+    return x ^ (x >> 16)
+
+
+def stochastic_round_bf16(value: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """``value`` (fp32) stochastically rounded to bf16 with the bits the fused kernels draw for a tensor
+    whose step seed is ``seed`` (0-d int64): element i is dithered by ``mix32(i ^ seed) & 0xFFFF``."""
+    index = torch.arange(value.numel(), device=value.device, dtype=torch.int64).view(value.shape)
+    bits = mix32((index & _MASK32) ^ seed) & 0xFFFF
+    raw = value.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _MASK32
+    dithered = (raw + bits) & 0xFFFF0000
+    dithered = torch.where(dithered >= 2**31, dithered - 2**32, dithered).to(torch.int32).view(torch.float32)
+    return torch.where(value.isnan(), value.to(torch.bfloat16), dithered.to(torch.bfloat16))
+
+
+def step_seed(counter: torch.Tensor) -> torch.Tensor:
+    """The step's base seed (0-d int64) from the optimizer's fp64 rounding-step counter."""
+    return mix32((counter.to(torch.int64) * 0x2545F491) & _MASK32)
+
+
+def tensor_seed(base: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Seeds of the tensors at ``flat_index`` (positions among all parameters) for a step's base seed."""
+    return mix32(base ^ ((flat_index.to(base.device) * 0x27D4EB2F) & _MASK32))

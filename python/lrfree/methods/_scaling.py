@@ -33,7 +33,7 @@ def scale_coefficients(hp: dict, t: torch.Tensor) -> torch.Tensor:
 
 
 def init_scaling_state(opt, p, group) -> dict[str, torch.Tensor]:
-    hp = opt.param_groups[0]
+    hp = opt.rule_group(group)
     state = {}
     if hp["scaling"] == "adam":
         state["exp_avg_sq"] = opt.zeros_state(p)

@@ -30,11 +30,13 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
@@ -78,7 +80,7 @@ class Adam(FusedOptimizer):
             bias_correction1 = 1 - beta1 ** t
             bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
             denom = v.sqrt() / bias_correction2_sqrt + eps
-            R.commit_(it.p, R.addcdiv(x, m, denom, -(lr / bias_correction1)), ok)
+            R.commit_(it.p, batch.rounded(it, R.addcdiv(x, m, denom, -(lr / bias_correction1))), ok)
 
 
 class AdamW(Adam):
@@ -89,7 +91,9 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding,
                          process_group=process_group, sharded=sharded)

@@ -39,12 +39,14 @@ class ClippedSGD(FusedOptimizer):
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         if nesterov and momentum <= 0:
             raise ValueError("ClippedSGD: nesterov=True requires momentum > 0")
         super().__init__(params, dict(lr=lr, max_norm=max_norm, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov, eps=eps), backend=backend, skip_nonfinite=skip_nonfinite,
-                                      master_weights=master_weights, process_group=process_group, sharded=sharded)
+                                      master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] > 0 else {}
@@ -77,4 +79,4 @@ class ClippedSGD(FusedOptimizer):
                 new_buf = group["momentum"] * buf + d
                 R.commit_(buf, new_buf, batch.ok)
                 d = R.axpy(d, new_buf, group["momentum"]) if group["nesterov"] else new_buf
-            R.commit_(it.p, R.axpy(x, d, -group["lr"]), batch.ok)
+            R.commit_(it.p, batch.rounded(it, R.axpy(x, d, -group["lr"])), batch.ok)

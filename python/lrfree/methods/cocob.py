@@ -36,9 +36,11 @@ class COCOB(FusedOptimizer):
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         super().__init__(params, dict(alpha=alpha, eps=eps, weight_decay=weight_decay, lr=lr), backend=backend,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
@@ -71,4 +73,4 @@ class COCOB(FusedOptimizer):
             x_new = (reward + L) * theta / denom + x0
             for key, value in (("L", L), ("sum_negative_gradients", theta), ("grad_norm_sum", G), ("reward", reward)):
                 R.commit_(st[key], value, ok)
-            R.commit_(it.p, x_new, ok)
+            R.commit_(it.p, batch.rounded(it, x_new), ok)

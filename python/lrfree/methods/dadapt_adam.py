@@ -54,24 +54,28 @@ class DAdaptAdam(DAdaptBase):
                  log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, *, backend: str = "auto",
                  skip_nonfinite: bool = True, master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None,
+                 per_group_d: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
                         decouple=decouple, use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
                         fsdp_in_use=fsdp_in_use, layer_scale=1.0)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded,
+                         per_group_d=per_group_d)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
 
-    def initial_scalars(self):
-        d0 = self.param_groups[0]["d0"]
+    def _d_scalars(self, group):
+        d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "step_size": 0.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
     def _rule(self, lr: float, numerator_step: torch.Tensor, s_l1: torch.Tensor) -> dict[str, torch.Tensor]:
         """N ← √β2 N + (1−√β2) A;  d_{k+1} = max(d_k, min(N / ((1−√β2) ‖s‖₁), d_k · growth_rate))."""
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         sqrt_beta2 = hp["betas"][1] ** 0.5
         d = self.S["d"]
         numerator = sqrt_beta2 * self.S["numerator"] + (1 - sqrt_beta2) * numerator_step
@@ -79,7 +83,7 @@ class DAdaptAdam(DAdaptBase):
         d_next = torch.maximum(d, torch.minimum(d_hat, d * hp["growth_rate"])) if lr > 0 else d
         return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
 
-    def _update(self, batch: StepBatch) -> None:
+    def _update_d(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         lr = self._shared_lr()
         dlr = self._adam_step_size(lr)
@@ -96,7 +100,7 @@ class DAdaptAdam(DAdaptBase):
 
     def _ref_dadapt_adam_step(self, batch: StepBatch, dlr: torch.Tensor) -> torch.Tensor:
         ok = batch.ok
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         beta1, beta2 = hp["betas"]
         sqrt_beta2 = beta2 ** 0.5
         decouple = hp["decouple"]
@@ -120,5 +124,5 @@ class DAdaptAdam(DAdaptBase):
                 rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
             if decay != 0 and decouple:
                 x = R.axpy(x, x, -decay * dlr)
-            R.commit_(it.p, x - m / (v.sqrt() + eps), ok)
+            R.commit_(it.p, batch.rounded(it, x - m / (v.sqrt() + eps)), ok)
         return torch.stack(rows)

@@ -59,17 +59,21 @@ class DAdaptSGD(DAdaptBase):
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None,
+                 per_group_d: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
                         growth_rate=growth_rate, fsdp_in_use=fsdp_in_use)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded,
+                         per_group_d=per_group_d)
 
     def init_state(self, p, group):
         return {"s": self.zeros_state(p), "x0": self.copy_of(p)}
 
-    def initial_scalars(self):
-        d0 = self.param_groups[0]["d0"]
+    def _d_scalars(self, group):
+        d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
@@ -80,10 +84,10 @@ class DAdaptSGD(DAdaptBase):
         return g0_norm, R.safe_div(S["d"] * lr, g0_norm)
 
     def _rule(self, lr: float, numerator: torch.Tensor, s_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        return distance_estimate(lr, self.S["d"], numerator, s_sq, self.param_groups[0]["growth_rate"])
+        return distance_estimate(lr, self.S["d"], numerator, s_sq, self.rule_group()["growth_rate"])
 
-    def _update(self, batch: StepBatch) -> None:
-        hp = self.param_groups[0]
+    def _update_d(self, batch: StepBatch) -> None:
+        hp = self.rule_group()
         lr = self._shared_lr()
         adapting = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])
         g0_norm, dlr = self._step_size(lr, adapting.reduce(adapting.grad_sq))
@@ -117,5 +121,5 @@ class DAdaptSGD(DAdaptBase):
             else:
                 rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
             z = R.up(it.state["x0"], it.p) - s
-            R.commit_(it.p, R.axpy(x * (1.0 - averaging), z, averaging), ok)
+            R.commit_(it.p, batch.rounded(it, R.axpy(x * (1.0 - averaging), z, averaging)), ok)
         return torch.stack(rows)

@@ -50,7 +50,8 @@ class DoG(FusedOptimizer):
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, backend: str = "auto",
                  skip_nonfinite: bool = True, master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         if init_eta is None and not reps_rel > 0:
             raise ValueError(f"{type(self).__name__}: invalid reps_rel={reps_rel!r}; expected a real number > 0 "
                              "(1e-6 is the suggested value, 1e-4 with batch normalization)")
@@ -58,7 +59,8 @@ class DoG(FusedOptimizer):
                         eps=eps, init_eta=init_eta)
         self._x0_norm_ready: set[int] = set()
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return {"x0": self.copy_of(p)}
@@ -138,7 +140,8 @@ class DoG(FusedOptimizer):
         for seg in segments:
             resting = [p for p in self.param_groups[seg]["params"]
                        if id(p) not in active and "x0" in self.state.get(p, {})]
-            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), p) - R.up(self.state[p]["x0"], p)) for p in resting))
+            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), p) - R.up(self.state[p]["x0"], p))
+                                     for p in resting))
         return torch.stack(extra)
 
     # -- the scalar rule (vectors over the step's segments; shared by every backend) -------------

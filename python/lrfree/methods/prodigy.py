@@ -60,12 +60,16 @@ class Prodigy(DAdaptBase):
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, slice_p: int = 1, *,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None,
+                 per_group_d: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
                         use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
                         d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded,
+                         per_group_d=per_group_d)
 
     @staticmethod
     def _sliced(t: torch.Tensor, group: dict) -> torch.Tensor:
@@ -75,30 +79,30 @@ class Prodigy(DAdaptBase):
         state = {"s": self.zeros_state(self._sliced(p, group)),
                  "p0": self._sliced(p, group).detach().clone(),
                  "exp_avg_sq": self.zeros_state(p)}
-        if self.param_groups[0]["betas"][0] > 0:
+        if self.rule_group(group)["betas"][0] > 0:
             state["exp_avg"] = self.zeros_state(p)
         return state
 
-    def initial_scalars(self):
-        d0 = self.param_groups[0]["d0"]
+    def _d_scalars(self, group):
+        d0 = group["d0"]
         return {"d": d0, "d_max": d0, "d_hat": d0, "numerator": 0.0, "denominator": 0.0, "step_size": 0.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
     def _rule(self, lr: float, delta: torch.Tensor, denominator: torch.Tensor) -> dict[str, torch.Tensor]:
         """R ← β3 R + ΔR;  d̂ = d_coef R/‖s‖₁;  d jumps to d̂ only while d = d0;  d_{k+1} = min(d_max, d·growth)."""
-        hp, S = self.param_groups[0], self.S
+        hp, S = self.rule_group(), self.S
         beta3 = math.sqrt(hp["betas"][1]) if hp["beta3"] is None else hp["beta3"]
         d = S["d"]
         numerator = beta3 * S["numerator"] + delta
         new = {"numerator": numerator, "denominator": denominator}
         if lr > 0:
             d_hat = R.safe_div(hp["d_coef"] * numerator, denominator)
-            d_new = torch.where(d == self.param_groups[-1]["d0"], torch.maximum(d, d_hat), d)
+            d_new = torch.where(d == self._first_rise_d0(), torch.maximum(d, d_hat), d)
             d_max = torch.maximum(S["d_max"], d_hat)
             new.update(d_hat=d_hat, d_max=d_max, d=torch.minimum(d_max, d_new * hp["growth_rate"]))
         return new
 
-    def _update(self, batch: StepBatch) -> None:
+    def _update_d(self, batch: StepBatch) -> None:
         S, ok = self.S, batch.ok
         lr = self._shared_lr()
         d = S["d"]
@@ -117,7 +121,7 @@ class Prodigy(DAdaptBase):
 
     def _ref_prodigy_stats(self, batch: StepBatch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
         ok = batch.ok
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         beta1, beta2 = hp["betas"]
         beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
         rows = []
@@ -143,7 +147,7 @@ class Prodigy(DAdaptBase):
 
     def _ref_prodigy_apply(self, batch: StepBatch, dlr: torch.Tensor, d_new: torch.Tensor,
                            proceed: torch.Tensor) -> None:
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         for it in batch.items:
             group, st = it.group, it.state
             x = R.up(it.p, it.p)
@@ -155,9 +159,9 @@ class Prodigy(DAdaptBase):
                 x_new = R.addcdiv(x, st["exp_avg"], denom, -dlr)
             else:
                 x_new = R.addcdiv(x, g, denom, -dlr * d_new)
-            R.commit_(it.p, x_new, proceed)
+            R.commit_(it.p, batch.rounded(it, x_new), proceed)
 
     def _coupled_gradient(self, it, x: torch.Tensor) -> torch.Tensor:
         g = R.up(it.g, it.p)
         decay = it.group["weight_decay"]
-        return R.axpy(g, x, decay) if decay != 0 and not self.param_groups[0]["decouple"] else g
+        return R.axpy(g, x, decay) if decay != 0 and not self.rule_group()["decouple"] else g

@@ -67,21 +67,25 @@ class PSDASGD(DAdaptBase):
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
                  *, scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None,
+                 per_group_d: bool = False):
         defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
                         weight_decay=weight_decay, amsgrad=amsgrad, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded,
+                         per_group_d=per_group_d)
 
     def init_state(self, p, group):
         state = init_scaling_state(self, p, group)
         state["s"] = self.zeros_state(p)
-        if self.param_groups[0]["momentum"] > 0:
+        if self.rule_group(group)["momentum"] > 0:
             state["x0"] = self.copy_of(p)
         return state
 
-    def initial_scalars(self):
-        d0 = self.param_groups[0]["d0"]
+    def _d_scalars(self, group):
+        d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0, "scale_ratio": 1.0}
 
     # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
@@ -92,16 +96,16 @@ class PSDASGD(DAdaptBase):
         S = self.S
         started = S["g0_norm"] > 0
         g0_norm = torch.where(started, S["g0_norm"], scaled_grad_sq.sqrt())
-        d = torch.where(started, S["d"], self.param_groups[0]["d0"] * (alpha_sq_sum / n_elements.clamp_min(1.0)).sqrt())
+        d = torch.where(started, S["d"], self.rule_group()["d0"] * (alpha_sq_sum / n_elements.clamp_min(1.0)).sqrt())
         return g0_norm, d, R.safe_div(d * lr, g0_norm)
 
     def _rule(self, lr: float, d: torch.Tensor, numerator: torch.Tensor, weighted_sq: torch.Tensor):
         """D-Adapt SGD's estimate in the scaled space: d̂ = 2N / ‖α ⊙ s‖ (N already shrunk by ρ)."""
-        return distance_estimate(lr, d, numerator, weighted_sq, self.param_groups[0]["growth_rate"])
+        return distance_estimate(lr, d, numerator, weighted_sq, self.rule_group()["growth_rate"])
 
-    def _update(self, batch: StepBatch) -> None:
+    def _update_d(self, batch: StepBatch) -> None:
         S = self.S
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         lr = self._shared_lr()
         t = S["steps"] + 1
         sub = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])  # lr = 0: frozen
@@ -134,7 +138,7 @@ class PSDASGD(DAdaptBase):
     # -- torch reference passes --------------------------------------------------------------------
     def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
         t = self.S["steps"] + 1
-        return [ScaledStep(self.param_groups[0], it.state, R.up(it.g, it.p), t) for it in batch.items]
+        return [ScaledStep(self.rule_group(), it.state, R.up(it.g, it.p), t) for it in batch.items]
 
     def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started) -> torch.Tensor:
         rows = []
@@ -146,7 +150,7 @@ class PSDASGD(DAdaptBase):
 
     def _ref_psdasgd_step(self, batch: StepBatch, coefficients, dlr: torch.Tensor) -> torch.Tensor:
         ok = batch.ok
-        hp = self.param_groups[0]
+        hp = self.rule_group()
         t = self.S["steps"] + 1
         momentum = hp["momentum"]
         averaging = 1.0 - momentum
@@ -168,5 +172,5 @@ class PSDASGD(DAdaptBase):
                 x_next = R.axpy(x, u, -dlr)
             st.commit(ok)
             R.commit_(s, s_next, ok)
-            R.commit_(it.p, x_next, ok)
+            R.commit_(it.p, batch.rounded(it, x_next), ok)
         return torch.stack(rows)

@@ -64,12 +64,14 @@ class PSSPS(FusedOptimizer):
                  gamma: float = 2.0, n_batches_per_epoch: int = 500, eta_max: float | None = None,
                  scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 process_group=None, sharded: bool | None = None):
+                 stochastic_rounding: bool = False, process_group=None,
+                 sharded: bool | None = None):
         defaults = dict(c=c, f_star=f_star, betas=tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
                         weight_decay=weight_decay, smooth=smooth, gamma=gamma,
                         n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
-                         master_weights=master_weights, process_group=process_group, sharded=sharded)
+                         master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         return init_scaling_state(self, p, group)
@@ -130,4 +132,4 @@ class PSSPS(FusedOptimizer):
             if it.group["weight_decay"] != 0:
                 u = R.axpy(u, x, it.group["weight_decay"])
             st.commit(batch.ok)
-            R.commit_(it.p, R.axpy(x, u, -coef[i]), batch.ok)
+            R.commit_(it.p, batch.rounded(it, R.axpy(x, u, -coef[i])), batch.ok)
