@@ -47,6 +47,9 @@ def extensions() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+# the command line's experiments: progress bars, figures, and the bundled digits of `reproduce lrfree`
+DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "scikit-learn>=1.0"]
+
 setup(
     name="lrfree",
     version=read_version(),
@@ -56,16 +59,17 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels", "lrfree.csrc": "csrc"},
-    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.kernels", "lrfree.csrc"],
+    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.experiments", "lrfree.kernels", "lrfree.csrc"],
     package_data={"lrfree.csrc": ["*.cuh", "*.h", "*.cpp", "*.cu"]},
     install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.5", "ninja", "pybind11",
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *DEMO, "ninja", "pybind11",
                  *REFERENCE_PACKAGES],
-        "demo": ["tqdm>=4.60", "matplotlib>=3.5"],
+        "demo": DEMO,
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,
                   "pytorch-optimizer==4.1.0"],
     },
+    entry_points={"console_scripts": ["lrfree = lrfree.cli:main"]},
     **extensions(),
     classifiers=[
         "Programming Language :: Python :: 3",

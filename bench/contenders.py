@@ -40,8 +40,12 @@ class Contender:
     backend: str = ""          # lrfree backend, or the torch implementation ("fused", "foreach")
     package: str = ""          # module the contender needs (official packages)
     needs_loss: bool = False
+    # what the training loop gives the optimizer besides the gradient, before each step (GLyDER's ĝ)
+    before_step: Callable[[torch.optim.Optimizer], None] | None = field(default=None, compare=False)
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        if self.before_step is not None:
+            self.before_step(opt)
         if self.needs_loss:
             opt.step(loss=loss)
         else:
@@ -63,6 +67,20 @@ def _lrfree(method: str, backend: str) -> Contender:
     return Contender(f"lrfree.{method}[{backend}]", method, "lrfree",
                      lambda params: cls(params, backend=backend, **kwargs), backend=backend,
                      needs_loss=cls.requires_loss)
+
+
+def _glyder(backend: str) -> Contender:
+    """GLyDER along the fused Adam direction with the Gauss–Newton–Bartlett curvature. The sampled-label
+    gradient ĝ comes from an extra backward the benchmark does not time; a fixed buffer stands in."""
+    def give_gnb(opt):
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not hasattr(opt, "_bench_gnb"):
+            opt._bench_gnb = [p.grad.clone() for p in params]
+        opt.set_gnb_gradient(opt._bench_gnb, 4096)
+
+    return Contender(f"lrfree.GLyDER(Adam)[{backend}]", "GLyDER", "lrfree",
+                     lambda params: lrfree.GLyDER(lrfree.Adam(params, backend=backend)), backend=backend,
+                     before_step=give_gnb)
 
 
 def _torch(method: str, impl: str) -> Contender:
@@ -104,7 +122,8 @@ def contenders(backends: tuple[str, ...], sweep: bool = False) -> list[Contender
         fused = [b for b in backends if b != "torch"] or ["torch"]
         return [torch_ones[0]] + [_lrfree(m, b) for m in SWEEP_METHODS for b in fused if covered(m, b)] + \
             [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
-    return torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)] + OFFICIAL
+    return (torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)]
+            + [_glyder(b) for b in backends if b != "cuda"] + OFFICIAL)
 
 
 def covered(method: str, backend: str) -> bool:

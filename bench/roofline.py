@@ -49,6 +49,7 @@ MINIMAL: dict[str, Traffic] = {
     "AdamW": Traffic(28, 2, 1, 1, "state m, v"),
     "PSSPS": Traffic(28, 2, 2, 2, "β1 = 0: state v; Σ(g/α)², then the scaled step"),
     "PSDASGD": Traffic(36, 2, 1, 1, "β1 = 0.9: state v, m, s (+x0 read); the shrink feeds the next d"),
+    "GLyDER": Traffic(40, 2, 2, 2, "Adam direction, GNB: ⟨g, d⟩, ‖d‖², ⟨ĝ, d⟩ with m, v updated, then x ← x − ηd"),
 }
 
 # What lrfree's fused (Triton) step moves in the same configuration, guard included.
@@ -68,6 +69,7 @@ FUSED: dict[str, Traffic] = {
     "AdamW": Traffic(32, 2, 2, 2, "guard pass"),
     "PSSPS": Traffic(28, 2, 2, 2, "the stats pass is also the guard"),
     "PSDASGD": Traffic(40, 2, 2, 2, "guard pass; the start pass returns at once after step 0"),
+    "GLyDER": Traffic(52, 3, 4, 4, "guard pass and ĝ's norm; pass A also reads x (needed only with weight decay)"),
 }
 
 

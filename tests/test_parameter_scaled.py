@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import lrfree
-from lrfree.demo import load_corpus
-from lrfree.demo import train as train_lm
+from lrfree.experiments.chargpt import load_corpus
+from lrfree.experiments.chargpt import train as train_lm
 from awkward import loss_fn, make_params, param_groups
 from conftest import rel_err
 

@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 
 from .methods import (COCOB, SPS, AdaSPS, Adam, AdamW, ClippedSGD, DAdaptAdam, DAdaptSGD, DecSPS, DoG,
                       InexactPolyak, LDoG, Prodigy, PSDASGD, PSSPS)
+from .glyder import GLyDER
 from .optimizer import FusedOptimizer
 
 __all__ = ["__version__", "FusedOptimizer", "Adam", "AdamW", "AdaSPS", "ClippedSGD", "COCOB", "DAdaptAdam",
-           "DAdaptSGD", "DecSPS", "DoG", "LDoG", "InexactPolyak", "Prodigy", "PSDASGD", "PSSPS", "SPS"]
+           "DAdaptSGD", "DecSPS", "DoG", "GLyDER", "LDoG", "InexactPolyak", "Prodigy", "PSDASGD", "PSSPS", "SPS"]

@@ -170,6 +170,12 @@ class StepBatch:
             return values.sum() if start is None else start + values.sum()
         return self.total(values.unbind(), start)
 
+    def reduce_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(K,) column sums of an (items, K) matrix of per-tensor partials, in :meth:`reduce`'s order."""
+        if self.fused:
+            return rows.sum(0)
+        return self.total(rows.unbind(0))
+
     def subset(self, keep: list[int]) -> "StepBatch":
         """The same step restricted to some of its tensors (e.g. the groups with lr > 0)."""
         if len(keep) == len(self.items):

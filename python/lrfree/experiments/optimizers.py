@@ -1,0 +1,76 @@
+"""The optimizers the experiments compare, by name: lrfree's methods with no learning rate, and the
+tuned baselines (a fixed or swept ``lr``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import lrfree
+
+from .output import UsageError
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    make: Callable  # (params, steps, lr) -> optimizer; lr is None for learning-rate-free methods
+    live: tuple[str, ...] = ()  # step scalars shown live; the first is recorded and plotted (its step size)
+    takes_lr: bool = False  # a baseline whose lr is fixed (train) or swept (reproduce lrfree)
+
+    def build(self, params, steps: int, lr: float | None = None):
+        if self.takes_lr and lr is None:
+            raise UsageError(f"{self.name} needs a learning rate")
+        return self.make(params, steps, lr)
+
+
+def _free(cls, **kwargs):
+    return lambda params, steps, lr: cls(params, **kwargs)
+
+
+CONTENDERS: dict[str, Contender] = {c.name: c for c in [
+    Contender("PSDASGD", _free(lrfree.PSDASGD), ("step_size", "d")),
+    Contender("PSSPS", _free(lrfree.PSSPS), ("step_size",)),
+    Contender("InexactPolyak", lambda params, steps, lr: lrfree.InexactPolyak(params, T=steps), ("step_size",)),
+    Contender("Prodigy", _free(lrfree.Prodigy), ("step_size", "d")),
+    Contender("DAdaptAdam", _free(lrfree.DAdaptAdam), ("step_size", "d")),
+    Contender("DAdaptSGD", _free(lrfree.DAdaptSGD), ("step_size", "d")),
+    Contender("DoG", _free(lrfree.DoG), ("eta",)),
+    Contender("SPS", _free(lrfree.SPS), ("step_size",)),
+    Contender("COCOB", _free(lrfree.COCOB)),
+    Contender("GLyDER", lambda params, steps, lr: lrfree.GLyDER(lrfree.Adam(params)), ("step_size",)),
+    Contender("AdamW", lambda params, steps, lr: lrfree.AdamW(params, lr=lr, weight_decay=0.0), ("lr",), True),
+    Contender("Adam", lambda params, steps, lr: torch.optim.Adam(params, lr=lr), ("lr",), True),
+    Contender("SGD", lambda params, steps, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), ("lr",), True),
+]}
+
+
+def contender(name: str) -> Contender:
+    found = CONTENDERS.get(name)
+    if found is None:
+        raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(CONTENDERS)}")
+    return found
+
+
+def parse_names(text: str) -> list[Contender]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UsageError("no optimizer named; give a comma-separated list")
+    return [contender(n) for n in names]
+
+
+def live_value(opt, key: str) -> torch.Tensor:
+    """The optimizer's live scalar ``key`` as a 0-d tensor, without a host sync (read it later)."""
+    if key == "lr":
+        return torch.tensor(float(opt.param_groups[0]["lr"]))
+    value = opt.scalars()[key]
+    return value.reshape(-1)[0] if value.dim() else value
+
+
+def before_backward(opt, logits: torch.Tensor) -> None:
+    """What an optimizer needs from the forward pass besides the gradient: GLyDER's sampled-label
+    gradient for its Gauss–Newton curvature (one extra backward through the same graph)."""
+    if isinstance(opt, lrfree.GLyDER) and opt.curvature == "gnb":
+        opt.gnb_backward(logits)

@@ -1,0 +1,361 @@
+"""GLyDER: the locally optimal step along any optimizer's direction (Yehudai et al., AISTATS 2025).
+
+For a direction d_t and f smooth along it, f(x − ηd) ≈ f(x) − η⟨∇f, d⟩ + ½η² dᵀ∇²f d, so the step that
+decreases f most is (ALGORITHMS §3.1)::
+
+    η_t = ⟨∇f(x_t), d_t⟩ / dᵀHd          (= ⟨∇f, d⟩ / (L‖d‖²) with a global smoothness bound L)
+
+GLyDER wraps a base optimizer: the base chooses the direction (its update), GLyDER how far to go, with one
+tunable multiplier — the group ``lr`` (default 1; a scheduler may act on it) — and no warm-up or schedule.
+
+The paper's practical estimators are not public (ALGORITHMS §3.2); lrfree offers these, each documented
+with its cost:
+
+``gradient`` — the estimate a of ∇f in the numerator ⟨a, d⟩:
+  * ``"batch"``: the minibatch gradient the direction came from. Free; biased upward by the gradient
+    noise along d (the step is too long when the noise dominates).
+  * ``"split"``: unbiased. Call :meth:`GLyDER.split_backward` with the losses of two halves of the batch:
+    the direction uses one half, the inner product the other. Same FLOPs; one extra gradient buffer.
+
+``curvature`` — the estimate of dᵀHd in the denominator:
+  * ``"gnb"`` (cross-entropy losses): Gauss–Newton–Bartlett. Call :meth:`GLyDER.gnb_backward` with the
+    logits: labels ŷ ~ softmax(logits) are sampled, ĝ = ∇ CE(logits, ŷ) (batch mean over B examples), and
+    B⟨ĝ, d⟩² is an unbiased estimate of dᵀGd for the batch-averaged Gauss–Newton matrix G (Bartlett's
+    identity kills the cross terms). Costs one extra backward (the forward is reused) and a buffer.
+  * ``"fd"``: the 1-d projection by a finite difference, (⟨∇f(x + hd), d⟩ − ⟨∇f(x), d⟩)/h with h‖d‖ =
+    ``fd_step``: pass a ``closure`` that recomputes the loss and gradients to :meth:`step`. Exact on
+    quadratics. Costs one extra forward/backward and a parameter copy; runs as torch ops on every backend.
+  * ``"constant"``: a known smoothness bound L (``smoothness=L``): dᵀHd = L‖d‖². Free.
+
+Both scalars are smoothed by EMAs of factor ``beta`` (N ← βN + (1−β)⟨a, d⟩, Q ← βQ + (1−β)dᵀHd); the
+step is η = lr · max(N, 0) / Q (no step while Q ≤ 0: an estimate of negative curvature gives no
+information about how far to go). Everything is on the device, fp64; a step never synchronizes.
+
+Directions: with ``lrfree.Adam``/``AdamW`` as the base, d = m̂/(√v̂ + ε) (+ wd·x, AdamW) is formed in
+registers in one fused pass that also updates m and v and reduces ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩ and ⟨g, d⟩ per
+tensor; a second pass applies x ← x − lr·η·d. The base's own lr is not used. Any other optimizer (a torch
+optimizer, another lrfree method) takes its ordinary step and d = x_before − x_after is materialized (one
+extra parameter-sized buffer); the base's lr then only sets the scale of d, which η divides out, and the
+gradient in ⟨a, d⟩ is ``p.grad`` (a base's own L2 weight decay is not part of it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import validation as V
+from .backends import torch_ref as R
+from .methods.adam import Adam, AdamW
+from .optimizer import FusedOptimizer, StepBatch
+
+__all__ = ["GLyDER", "sampled_label_gradient"]
+
+GRADIENTS = ("batch", "split")
+CURVATURES = ("gnb", "fd", "constant")
+# columns of the per-tensor statistics: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩
+NUMERATOR, DIR_SQ, GNB, GRAD_DOT = range(4)
+
+
+def sampled_label_gradient(logits: torch.Tensor, params: list[torch.Tensor],
+                           generator: torch.Generator | None = None) -> tuple[list[torch.Tensor], int]:
+    """(ĝ, B): the parameter gradient of the batch-mean cross-entropy of ``logits`` (…, C) against labels
+    drawn from their own softmax, and the number B of examples. E[B ĝĝᵀ] is the batch-averaged
+    Gauss–Newton matrix, so B⟨ĝ, d⟩² estimates dᵀGd without bias. The graph of ``logits`` is kept."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        probs = torch.softmax(flat.detach().float(), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    loss = F.cross_entropy(flat, labels)
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)], flat.shape[0]
+
+
+class GLyDER(FusedOptimizer):
+    """The locally optimal step size along ``base``'s direction.
+
+    Args:
+        base: the optimizer whose update is the direction (``lrfree.Adam``/``AdamW``: fused; any other
+            ``torch.optim.Optimizer``: generic, see the module docstring).
+        lr: the multiplier on the locally optimal step (default 1).
+        gradient: ``"batch"`` or ``"split"`` (needs :meth:`split_backward`).
+        curvature: ``"gnb"`` (needs :meth:`gnb_backward`), ``"fd"`` (needs a closure) or ``"constant"``
+            (needs ``smoothness``).
+        beta: EMA factor of the numerator and curvature estimates (0: this step's estimates only).
+        smoothness: the bound L of ``curvature="constant"``.
+        fd_step: how far (in parameter norm) the finite difference probes along d.
+        backend: of the fused Adam direction (default: the base's).
+    """
+
+    hyperparameters = {"lr": V.NONNEG}
+    kernels = "glyder"
+
+    def __init__(self, base: torch.optim.Optimizer, lr: float = 1.0, *, gradient: str = "batch",
+                 curvature: str = "gnb", beta: float = 0.9, smoothness: float | None = None, fd_step: float = 1e-3,
+                 backend: str | None = None, skip_nonfinite: bool = True):
+        owner = type(self).__name__
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"{owner}: base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, GLyDER):
+            raise TypeError(f"{owner}: base is already a GLyDER")
+        V.choice(*GRADIENTS)(owner, "gradient", gradient)
+        V.choice(*CURVATURES)(owner, "curvature", curvature)
+        V.UNIT_INTERVAL(owner, "beta", beta)
+        V.POSITIVE(owner, "fd_step", fd_step)
+        if curvature == "constant":
+            if smoothness is None:
+                raise ValueError(f"{owner}: curvature='constant' needs smoothness=L, a bound on the curvature")
+            V.POSITIVE(owner, "smoothness", smoothness)
+        elif smoothness is not None:
+            raise ValueError(f"{owner}: smoothness={smoothness!r} is only used with curvature='constant'")
+        self.base, self.gradient, self.curvature = base, gradient, curvature
+        self.beta, self.smoothness, self.fd_step = beta, smoothness, fd_step
+        # the fused Adam direction, or the generic "step the base and take the difference"
+        self.adam_direction = type(base) in (Adam, AdamW)
+        if self.adam_direction:
+            for i, group in enumerate(base.param_groups):
+                if group["maximize"]:
+                    raise ValueError(f"{owner}: base param_groups[{i}] has maximize=True; GLyDER minimizes")
+        self.decoupled = self.adam_direction and base.decoupled
+        self.requires_loss = bool(getattr(base, "requires_loss", False))
+        self._probe: dict[torch.Tensor, torch.Tensor] = {}  # the other half's gradient ("split")
+        self._gnb: dict[torch.Tensor, torch.Tensor] = {}  # ĝ of sampled labels ("gnb")
+        self._gnb_examples = 0
+        self._extra_witness: list[torch.Tensor] = []
+        groups = [{**{k: v for k, v in g.items() if k != "lr"}, "params": list(g["params"]), "lr": lr}
+                  for g in base.param_groups]
+        if backend is None:
+            backend = getattr(base, "backend", "auto")
+        super().__init__(groups, {"lr": lr}, backend=backend if self.adam_direction else "torch",
+                         skip_nonfinite=skip_nonfinite)
+
+    # ------------------------------------------------------------------ the training loop's side
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def gnb_backward(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Store the sampled-label gradient ĝ of ``logits`` (call after the forward, before or after
+        ``loss.backward(retain_graph=True)``): one extra backward through the same graph."""
+        params = self._trainable()
+        grads, examples = sampled_label_gradient(logits, params, generator)
+        self.set_gnb_gradient(grads, examples)
+
+    def set_gnb_gradient(self, grads: list[torch.Tensor], examples: int) -> None:
+        """Give the sampled-label gradient ĝ (one tensor per trainable parameter, in param-group order)
+        and its number B of examples yourself, e.g. computed by a fused loss kernel."""
+        self._gnb = self._buffers("set_gnb_gradient", grads)
+        self._gnb_examples = int(examples)
+
+    def split_backward(self, probe_loss: torch.Tensor, direction_loss: torch.Tensor) -> None:
+        """The losses of two halves of a batch: ``direction_loss``'s gradient goes to ``.grad`` (the base's
+        direction), ``probe_loss``'s is kept for the unbiased inner product ⟨∇f, d⟩."""
+        params = self._trainable()
+        grads = torch.autograd.grad(probe_loss, params, retain_graph=True, allow_unused=True)
+        self._probe = self._buffers("split_backward", [torch.zeros_like(p) if g is None else g
+                                                       for p, g in zip(params, grads)])
+        direction_loss.backward()
+
+    def _buffers(self, where: str, grads: list[torch.Tensor]) -> dict[torch.Tensor, torch.Tensor]:
+        params = self._trainable()
+        if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
+            raise ValueError(f"{type(self).__name__}.{where}: expected one gradient per trainable parameter "
+                             f"({len(params)}), shaped like it")
+        # the step's non-finite guard covers these too: their squared norms, taken now in one foreach op
+        self._extra_witness.append(torch.stack(torch._foreach_norm(grads)).double().square().sum())
+        return dict(zip(params, grads))
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, p, group):
+        if not self.adam_direction:
+            return {}
+        state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = self.zeros_state(p)
+        return state
+
+    def initial_scalars(self):
+        return {"numerator": 0.0, "curvature": 0.0, "step_size": 0.0, "dir_norm": 0.0}
+
+    def initial_tensor_scalars(self, group, p):
+        return {"step": 0.0} if self.adam_direction else {}
+
+    # ------------------------------------------------------------------ step
+    @torch.compiler.disable  # as FusedOptimizer.step: one opaque eager call inside compiled code
+    def step(self, closure: Callable[[], Any] | None = None, loss: Any = None) -> Any:
+        """One step. ``closure`` (re-evaluates loss and gradients) is required by ``curvature="fd"``, which
+        calls it again at the probe point; otherwise it is optional, as for any optimizer."""
+        owner = type(self).__name__
+        if self.curvature == "fd" and closure is None:
+            raise ValueError(f"{owner}(curvature='fd') probes the gradient along d: call step(closure) with a "
+                             "closure that zeroes the gradients, recomputes the loss, backpropagates and returns it")
+        if self.curvature == "gnb" and not self._gnb:
+            raise ValueError(f"{owner}(curvature='gnb') needs opt.gnb_backward(logits) after the forward pass of "
+                             "every step")
+        if self.gradient == "split" and not self._probe:
+            raise ValueError(f"{owner}(gradient='split') needs opt.split_backward(loss_half_a, loss_half_b) instead "
+                             "of loss.backward() in every step")
+        self._closure = closure
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        try:
+            return super().step(loss=loss)
+        finally:
+            self._closure = None
+            self._gnb, self._probe, self._extra_witness = {}, {}, []
+
+    def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
+        return batch.total(self._extra_witness, batch.local_grad_sq.sum())
+
+    def _update(self, batch: StepBatch) -> None:
+        if self.adam_direction:
+            self._adam_update(batch)
+        else:
+            self._generic_update(batch)
+        self.S["steps"].add_(batch.ok.to(torch.float64))
+
+    # -- the scalar rule (0-d tensors only; shared by every path) ---------------------------------------
+    def _rule(self, stats: torch.Tensor, probe_curvature: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """η = max(N, 0)/Q from the step's summed statistics (columns NUMERATOR…GRAD_DOT)."""
+        S, beta = self.S, self.beta
+        dir_sq = stats[DIR_SQ]
+        if self.curvature == "gnb":
+            q = self._gnb_examples * stats[GNB] ** 2
+        elif self.curvature == "constant":
+            q = self.smoothness * dir_sq
+        else:
+            q = probe_curvature
+        numerator = beta * S["numerator"] + (1 - beta) * stats[NUMERATOR]
+        curvature = beta * S["curvature"] + (1 - beta) * q
+        eta = R.safe_div(numerator.clamp_min(0.0), curvature)
+        return {"numerator": numerator, "curvature": curvature, "step_size": eta, "dir_norm": dir_sq.sqrt()}
+
+    def _commit_rule(self, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        for name, value in new.items():
+            self._set(name, value, ok)
+
+    def _probe_curvature(self, batch: StepBatch, directions: list[torch.Tensor], dir_sq: torch.Tensor,
+                         grad_dot: torch.Tensor) -> torch.Tensor:
+        """dᵀHd ≈ (⟨∇f(x + hd), d⟩ − ⟨∇f(x), d⟩)/h with h‖d‖ = fd_step (torch ops on every backend)."""
+        h = R.safe_div(torch.full_like(dir_sq, self.fd_step), dir_sq.sqrt())
+        params = [it.p for it in batch.items]
+        saved = torch._foreach_mul(params, 1.0)
+        for p, d in zip(params, directions):
+            p.copy_(R.axpy(R.up(p, p), R.up(d, p), h))
+        with torch.enable_grad():
+            self._closure()
+        probed = batch.reduce(torch.stack([R.dot(it.param.grad, d) for it, d in zip(batch.items, directions)]))
+        probed, = batch.sync(probed)
+        torch._foreach_copy_(params, saved)
+        return R.safe_div(probed - grad_dot, h)
+
+    # -- generic direction: the base's own step, d = x_before − x_after ---------------------------------
+    def _generic_update(self, batch: StepBatch) -> None:
+        params = [it.p for it in batch.items]
+        before = torch._foreach_mul(params, 1.0)
+        grads = [it.g.clone() for it in batch.items] if self.curvature == "fd" else [it.g for it in batch.items]
+        loss = batch.loss
+        if getattr(self.base, "requires_loss", False):
+            self.base.step(loss=loss)
+        else:
+            self.base.step()
+        directions = torch._foreach_sub(before, params)
+        stats = torch.stack([self._ref_row(it, g, d) for it, g, d in zip(batch.items, grads, directions)])
+        stats, = batch.sync(batch.reduce_rows(stats))
+        curvature = None
+        if self.curvature == "fd":
+            torch._foreach_copy_(params, before)
+            curvature = self._probe_curvature(batch, directions, stats[DIR_SQ], stats[GRAD_DOT])
+        new = self._rule(stats, curvature)
+        ok = batch.ok
+        coef = batch.per_item("lr") * new["step_size"]
+        for i, (it, x0, d) in enumerate(zip(batch.items, before, directions)):
+            # a rejected step also undoes the base's (an lrfree base has skipped it already)
+            it.p.copy_(torch.where(ok, R.axpy(R.up(x0, x0), R.up(d, x0), -coef[i]).to(it.p.dtype), x0))
+        self._commit_rule(new, ok)
+
+    def _ref_row(self, it, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """[⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩] of one tensor, fp64."""
+        a = self._probe[it.param] if self.gradient == "split" else g
+        gnb = R.dot(self._gnb[it.param], d) if self.curvature == "gnb" else torch.zeros((), dtype=torch.float64,
+                                                                                        device=d.device)
+        return torch.stack([R.dot(a, d), R.sumsq(d), gnb, R.dot(g, d)])
+
+    # -- fused Adam direction ---------------------------------------------------------------------------
+    def _adam_update(self, batch: StepBatch) -> None:
+        index = batch.index(it.flat_index for it in batch.items)
+        step = self.S["step"].index_select(0, index) + 1
+        # pass A: m, v updated; per tensor ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩ with d formed in registers
+        stats = self._pass("glyder_adam_stats")(batch, step, self._probe or None, self._gnb or None)
+        stats, = batch.sync(batch.reduce_rows(stats))
+        curvature = None
+        if self.curvature == "fd":
+            directions = self._adam_directions(batch, step)
+            curvature = self._probe_curvature(batch, directions, stats[DIR_SQ], stats[GRAD_DOT])
+        new = self._rule(stats, curvature)
+        # pass B: x ← x − lr η d, d recomputed from the new m and v
+        self._pass("glyder_adam_apply")(batch, step, batch.per_item("lr") * new["step_size"])
+        self._set_at("step", index, step, batch.ok)
+        self._commit_rule(new, batch.ok)
+
+    def _adam_direction(self, it, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+        group = it.group
+        beta1, beta2 = group["betas"]
+        d = (m / (1 - beta1 ** t)) / (v.sqrt() / (1 - beta2 ** t).sqrt() + group["eps"])
+        if self.decoupled and group["weight_decay"] != 0:
+            d = R.axpy(d, x, group["weight_decay"])
+        return d
+
+    def _adam_directions(self, batch: StepBatch, step: torch.Tensor) -> list[torch.Tensor]:
+        """d of every tensor from the current m and v, in the compute dtype (torch ops)."""
+        out = []
+        for i, it in enumerate(batch.items):
+            st = it.state
+            v = st["max_exp_avg_sq"] if it.group["amsgrad"] else st["exp_avg_sq"]
+            out.append(self._adam_direction(it, st["exp_avg"], v, step[i], R.up(it.p, it.p)))
+        return out
+
+    def _ref_glyder_adam_stats(self, batch: StepBatch, step: torch.Tensor, probe, gnb) -> torch.Tensor:
+        ok = batch.ok
+        rows = []
+        for i, it in enumerate(batch.items):
+            group, st = it.group, it.state
+            beta1, beta2 = group["betas"]
+            x = R.up(it.p, it.p)
+            g = R.up(it.g, it.p)
+            if not self.decoupled and group["weight_decay"] != 0:
+                g = R.axpy(g, x, group["weight_decay"])
+            m = torch.lerp(st["exp_avg"], g, 1 - beta1)
+            v = R.addcmul(st["exp_avg_sq"] * beta2, g, g, 1 - beta2)
+            R.commit_(st["exp_avg"], m, ok)
+            R.commit_(st["exp_avg_sq"], v, ok)
+            if group["amsgrad"]:
+                v = torch.maximum(st["max_exp_avg_sq"], v)
+                R.commit_(st["max_exp_avg_sq"], v, ok)
+            d = self._adam_direction(it, m, v, step[i], x)
+            a = R.up(probe[it.param], it.p) if probe is not None else g
+            gnb_dot = R.dot(gnb[it.param], d) if gnb is not None else torch.zeros((), dtype=torch.float64,
+                                                                                   device=d.device)
+            rows.append(torch.stack([R.dot(a, d), R.sumsq(d), gnb_dot, R.dot(g, d)]))
+        return torch.stack(rows)
+
+    def _ref_glyder_adam_apply(self, batch: StepBatch, step: torch.Tensor, coef: torch.Tensor) -> None:
+        for i, (it, d) in enumerate(zip(batch.items, self._adam_directions(batch, step))):
+            x = R.up(it.p, it.p)
+            R.commit_(it.p, batch.rounded(it, R.axpy(x, d, -coef[i])), batch.ok)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if not self.adam_direction:
+            sd["lrfree"]["base"] = self.base.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        base = state_dict.get("lrfree", {}).get("base")
+        if base is not None:
+            self.base.load_state_dict(base)

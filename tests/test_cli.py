@@ -1,0 +1,104 @@
+"""The command line end to end at tiny sizes: every subcommand runs, writes its table, JSON record and
+figures, and bad input is one clear line on stderr with exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from lrfree import cli
+
+TINY_TRAIN = ["--steps", "4", "--width", "16", "--layers", "1", "--heads", "2", "--context", "16", "--batch", "4",
+              "--no-progress"]
+
+
+def test_train_is_the_default_command_and_writes_its_results(tmp_path, capsys):
+    out = tmp_path / "train"
+    assert cli.main(TINY_TRAIN + ["--optimizers", "PSDASGD,InexactPolyak,Prodigy,DAdaptAdam,AdamW,GLyDER",
+                                  "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = (out / "table.md").read_text()
+    for name in ("PSDASGD", "InexactPolyak", "Prodigy", "DAdaptAdam", "AdamW", "GLyDER"):
+        assert f"| {name} |" in table and name in printed
+    assert "val bits/char" in table and "tokens/s" in table
+    record = json.loads((out / "results.json").read_text())
+    assert [r["steps"] for r in record] == [4] * 6
+    assert all(len(r["train_losses"]) == 4 and r["val_bpc"] > 0 for r in record)
+    assert all(len(r["live"]) == 4 for r in record)  # the step scalar of every step, for the plot
+    for png in ("loss.png", "step_size.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_runs_are_reproducible(tmp_path):
+    records = []
+    for run in ("a", "b"):
+        cli.main(TINY_TRAIN + ["--optimizers", "PSDASGD", "--out", str(tmp_path / run)])
+        records.append(json.loads((tmp_path / run / "results.json").read_text())[0])
+    assert records[0]["train_losses"] == records[1]["train_losses"]
+    assert records[0]["val_bpc"] == records[1]["val_bpc"]
+
+
+def test_reproduce_quartic(tmp_path):
+    out = tmp_path / "quartic"
+    assert cli.main(["reproduce", "quartic", "--steps", "30", "--l1", "1,1000", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "Inexact Polyak (T=30)" in table and "L1 = 1000" in table
+    gaps = json.loads((out / "results.json").read_text())["gaps"]
+    assert len(gaps) == 7 and all(len(curve) == 30 for curves in gaps.values() for curve in curves.values())
+    # the best gap never increases, and Polyak with f* known reaches f* on the easy problem
+    for curves in gaps.values():
+        for curve in curves.values():
+            assert all(b <= a for a, b in zip(curve, curve[1:]))
+    assert gaps["Polyak (knows f*)"]["1.0"][-1] < 1e-10
+    assert (out / "quartic.png").stat().st_size > 0
+
+
+def test_reproduce_lrfree(tmp_path):
+    out = tmp_path / "lrfree"
+    assert cli.main(["reproduce", "lrfree", "--tasks", "digits,chargpt", "--methods", "PSDASGD,SGD,Adam,GLyDER",
+                     "--seeds", "2", "--steps", "3", "--no-progress", "--out", str(out)]) == 0
+    table = (out / "table.md").read_text()
+    assert "MLP on 8×8 digits" in table and "char-GPT" in table and "vs best-lr Adam" in table
+    record = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in record["digits"]["rows"]}
+    assert rows["PSDASGD"]["lr"] is None and len(rows["PSDASGD"]["losses"]) == 2
+    assert rows["Adam"]["lr"] in rows["Adam"]["swept"] and len(rows["Adam"]["swept"]) > 1
+    # a swept baseline is reported at the lr with the lowest mean validation loss
+    for name in ("Adam", "SGD"):
+        sweep = rows[name]["sweep_val_loss"]
+        assert len(sweep) == len(rows[name]["swept"])
+        assert rows[name]["val_loss"][0] == min(sweep.values()) == sweep[f"{rows[name]['lr']:g}"]
+    assert 0 <= rows["SGD"]["val_accuracy"][0] <= 1
+    assert (out / "lrfree.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--optimizers", "SGD9000"], "unknown optimizer 'SGD9000'"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--width", "30", "--heads", "4"], "--width 30 must be a multiple of --heads 4"),
+    (["--context", "10000000"], "is longer than the held-out text"),
+    (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--adamw-lr", "-1"], "--adamw-lr must be positive"),
+    (["reproduce", "quartic", "--l1", "1,x"], "expected comma-separated numbers"),
+    (["reproduce", "quartic", "--l1", "2"], "tuned settings for L1 in"),
+    (["reproduce", "lrfree", "--tasks", "imagenet"], "unknown task(s) imagenet"),
+    (["reproduce", "lrfree", "--seeds", "0"], "--seeds must be at least 1"),
+    (["reproduce", "nothing"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv + ([] if argv[0] == "reproduce" and argv[1] == "nothing" else ["--out", str(tmp_path)]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_module_and_the_console_script_run_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "lrfree", "--help"], capture_output=True, text=True, check=True)
+    assert "train" in result.stdout and "reproduce" in result.stdout
+    from importlib.metadata import entry_points
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    assert scripts.get("lrfree") == "lrfree.cli:main"

@@ -1,0 +1,266 @@
+"""GLyDER (lrfree.glyder): the locally optimal step against closed forms (ALGORITHMS §6.2), the GNB curvature
+against the exact Gauss–Newton matrix, the fused Adam direction against the torch reference and against
+the generic "step the base" direction, and its training-loop contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lrfree
+from lrfree.glyder import sampled_label_gradient
+from optimizer_db import require_backend
+from test_no_host_sync import forbid_syncs
+
+F64 = torch.float64
+
+
+def spd(n: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64, generator=torch.Generator().manual_seed(seed)))
+    return q @ torch.diag(torch.linspace(0.5, 7.0, n, dtype=F64)) @ q.T
+
+
+BASE_LR = 0.37  # the direction is d = BASE_LR·g; GLyDER's η is relative to d, so BASE_LR cancels in ηd
+
+
+def quadratic_step(A: torch.Tensor, x0: torch.Tensor, **options):
+    """One GLyDER step along plain gradient descent on f = ½xᵀAx; returns (the step along g, x1)."""
+    x = x0.clone().requires_grad_()
+    opt = lrfree.GLyDER(torch.optim.SGD([x], lr=BASE_LR), beta=0.0, **options)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * x @ A @ x
+        loss.backward()
+        return loss
+
+    if options.get("curvature") == "fd":
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+    return float(opt.scalars()["step_size"]) * BASE_LR, x.detach()
+
+
+def test_finite_difference_curvature_gives_the_cauchy_step():
+    """Exact curvature along d = g: η = gᵀg / gᵀAg, the exact line minimizer along g."""
+    A, x0 = spd(6, 0), torch.randn(6, dtype=F64, generator=torch.Generator().manual_seed(1))
+    g = A @ x0
+    eta, x1 = quadratic_step(A, x0, curvature="fd")
+    assert eta == pytest.approx(float(g @ g / (g @ A @ g)), rel=1e-9)
+    assert torch.allclose(x1, x0 - eta * g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("curvature", ["fd", "constant"])
+def test_identity_hessian_reaches_the_minimum_in_one_step(curvature):
+    x0 = torch.tensor([1.0, -2.0, 0.5], dtype=F64)
+    options = {"smoothness": 1.0} if curvature == "constant" else {}
+    eta, x1 = quadratic_step(torch.eye(3, dtype=F64), x0, curvature=curvature, **options)
+    assert eta == pytest.approx(1.0, rel=1e-9)
+    assert x1.abs().max() < 1e-12
+
+
+def test_global_smoothness_gives_one_over_lambda_max():
+    A = spd(5, 2)
+    lam_max = float(torch.linalg.eigvalsh(A).max())
+    eta, _ = quadratic_step(A, torch.ones(5, dtype=F64), curvature="constant", smoothness=lam_max)
+    assert eta == pytest.approx(1 / lam_max, rel=1e-12)
+
+
+def test_gnb_estimate_converges_to_the_gauss_newton_curvature():
+    """Linear softmax model: the mean of B⟨ĝ, d⟩² over label draws is dᵀGd for the exact batch-averaged
+    Gauss–Newton matrix G = (1/B) Σᵢ Jᵢᵀ (diag pᵢ − pᵢpᵢᵀ) Jᵢ (within 5 standard errors)."""
+    gen = torch.Generator().manual_seed(4)
+    B, D, C = 12, 5, 4
+    X = torch.randn(B, D, dtype=F64, generator=gen)
+    W = (0.7 * torch.randn(C, D, dtype=F64, generator=gen)).requires_grad_()
+    d = torch.randn(C, D, dtype=F64, generator=gen)
+    logits = X @ W.T
+    p = torch.softmax(logits.detach(), dim=1)
+    u = X @ d.T  # (B, C): the change of the logits along d
+    exact = float(((u * u * p).sum(1) - (u * p).sum(1) ** 2).mean())
+    draws = []
+    for _ in range(3000):
+        (g_hat,), n = sampled_label_gradient(logits, [W], gen)
+        draws.append(n * float((g_hat * d).sum()) ** 2)
+    draws = torch.tensor(draws, dtype=F64)
+    assert n == B
+    assert abs(float(draws.mean()) - exact) <= 5 * float(draws.std()) / math.sqrt(len(draws))
+
+
+def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradient="batch", dtype=F64, steps=4,
+              base=None, weight_decay=0.1):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    if base is None:
+        cls = lrfree.AdamW if decoupled else lrfree.Adam
+        base = cls(model.parameters(), weight_decay=weight_decay, amsgrad=amsgrad, backend=backend)
+    else:
+        base = base(model.parameters())
+    opt = lrfree.GLyDER(base, lr=0.8, curvature=curvature, gradient=gradient, beta=0.5,
+                        smoothness=3.0 if curvature == "constant" else None)
+    data = torch.Generator().manual_seed(1)
+    xb, yb = torch.randn(16, 5, generator=data).to(dtype), torch.randint(3, (16,), generator=data)
+    labels = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = model(xb)
+        if curvature == "gnb":
+            opt.gnb_backward(logits, generator=labels)
+        if gradient == "split":
+            opt.split_backward(F.cross_entropy(logits[:8], yb[:8]), F.cross_entropy(logits[8:], yb[8:]))
+        else:
+            F.cross_entropy(logits, yb).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+ADAM_CASES = [dict(), dict(decoupled=False), dict(amsgrad=True), dict(curvature="constant"),
+              dict(gradient="split"), dict(gradient="split", curvature="constant", decoupled=False)]
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+@pytest.mark.parametrize("case", ADAM_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
+def test_fused_adam_direction_matches_the_reference(case, backend):
+    require_backend(lrfree.Adam, backend)
+    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
+        ref, ref_opt = _adam_run("torch", dtype=dtype, **case)
+        fused, fused_opt = _adam_run(backend, dtype=dtype, **case)
+        for a, b in zip(ref, fused):
+            assert torch.allclose(a, b, rtol=tol, atol=tol)
+        for name in ("numerator", "curvature", "step_size"):
+            assert float(ref_opt.scalars()[name]) == pytest.approx(float(fused_opt.scalars()[name]), rel=tol)
+
+
+def test_generic_direction_of_torch_adam_equals_the_fused_adam_direction():
+    """Stepping torch.optim.Adam and taking the difference gives lr·d, whose scale η divides out: the
+    generic path follows the fused one (fp64). (Without weight decay: the generic path's ⟨a, d⟩ uses
+    p.grad, which does not contain a base's own L2 term.)"""
+    fused, _ = _adam_run("torch", decoupled=False, weight_decay=0.0)
+    generic, opt = _adam_run("torch", base=lambda ps: torch.optim.Adam(ps, lr=1e-3))
+    assert not opt.adam_direction
+    for a, b in zip(fused, generic):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_split_gradient_takes_the_inner_product_with_the_other_half():
+    """β = 0, SGD direction from half B: the numerator is ⟨g_A, lr·g_B⟩ exactly."""
+    w = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(5)).requires_grad_()
+    xa, xb = torch.randn(6, 3, dtype=F64), torch.randn(6, 3, dtype=F64)
+    loss_a, loss_b = (xa @ w.T).pow(2).mean(), (xb @ w.T).sin().sum()
+    g_a, = torch.autograd.grad(loss_a, w, retain_graph=True)
+    g_b, = torch.autograd.grad(loss_b, w, retain_graph=True)
+    opt = lrfree.GLyDER(torch.optim.SGD([w], lr=0.5), gradient="split", curvature="constant", smoothness=2.0,
+                        beta=0.0)
+    opt.split_backward(loss_a, loss_b)
+    assert torch.equal(w.grad, g_b)
+    opt.step()
+    assert float(opt.scalars()["numerator"]) == pytest.approx(float(0.5 * (g_a * g_b).sum()), rel=1e-12)
+
+
+def test_a_non_finite_estimate_skips_the_step_and_keeps_the_state():
+    params, opt = _adam_run("torch", steps=2)
+    model_params = [p for g in opt.param_groups for p in g["params"]]
+    before = [p.detach().clone() for p in model_params]
+    state = {k: v.clone() for k, v in opt.state[model_params[0]].items()}
+    scalars = opt.scalars()
+    for p in model_params:
+        p.grad = torch.ones_like(p)
+    opt.set_gnb_gradient([torch.full_like(p, float("nan")) for p in model_params], 1)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model_params))
+    assert all(torch.equal(state[k], opt.state[model_params[0]][k]) for k in state)
+    after = opt.scalars()
+    assert float(after["skipped"]) == 1 and torch.equal(after["step_size"], scalars["step_size"])
+
+
+@pytest.mark.parametrize("curvature", ["gnb", "constant"])
+def test_fused_step_reads_nothing_back(curvature, monkeypatch):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    opt = lrfree.GLyDER(lrfree.AdamW(model.parameters()), curvature=curvature,
+                        smoothness=1.0 if curvature == "constant" else None)
+    x, y = torch.randn(8, 6), torch.randint(4, (8,))
+    for _ in range(2):
+        logits = model(x)
+        opt.zero_grad()
+        if curvature == "gnb":
+            opt.gnb_backward(logits)
+        F.cross_entropy(logits, y).backward()
+        with monkeypatch.context() as m:
+            forbid_syncs(m)
+            opt.step()
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda p: lrfree.GLyDER(object()), TypeError, "base must be a torch.optim.Optimizer"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), curvature="hessian"), ValueError, "curvature"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), gradient="ema"), ValueError, "gradient"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), curvature="constant"), ValueError, "smoothness"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), smoothness=1.0), ValueError, "only used with curvature='constant'"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), beta=1.0), ValueError, "beta"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p, maximize=True)), ValueError, "maximize"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), lr=-1.0), ValueError, "lr"),
+])
+def test_bad_options_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make([torch.nn.Parameter(torch.zeros(2))])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"curvature": "gnb"}, r"gnb_backward\(logits\)"),
+    ({"curvature": "fd"}, "closure"),
+    ({"curvature": "constant", "smoothness": 1.0, "gradient": "split"}, "split_backward"),
+])
+def test_a_step_without_the_extra_gradients_it_needs_says_what_to_call(options, match):
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = lrfree.GLyDER(lrfree.Adam([p]), **options)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match=match):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+def test_checkpoint_resumes_bit_for_bit():
+    full, _ = _adam_run("torch", steps=4)
+    _, first = _adam_run("torch", steps=2)
+    saved = first.state_dict()
+    # rebuild at step 2 and continue with the same data and label draws
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    for p, q in zip(model.parameters(), (p for g in first.param_groups for p in g["params"])):
+        p.data.copy_(q.detach())
+    opt = lrfree.GLyDER(lrfree.AdamW(model.parameters(), weight_decay=0.1), lr=0.8, beta=0.5)
+    opt.load_state_dict(saved)
+    data = torch.Generator().manual_seed(1)
+    xb, yb = torch.randn(16, 5, generator=data).double(), torch.randint(3, (16,), generator=data)
+    labels = torch.Generator().manual_seed(3)
+    for t in range(4):
+        logits = model(xb)
+        opt.zero_grad()
+        opt.gnb_backward(logits, generator=labels)  # the draws of steps 0 and 1 advance the generator too
+        if t >= 2:
+            F.cross_entropy(logits, yb).backward()
+            opt.step()
+    for a, b in zip(full, model.parameters()):
+        assert torch.equal(a, b.detach())
+
+
+def test_gnb_step_is_the_gradient_inner_product_over_the_sampled_curvature():
+    """β = 0, SGD direction d = lr·g: η = ⟨g, d⟩ / (B⟨ĝ, d⟩²) with ĝ the sampled-label gradient."""
+    gen = torch.Generator().manual_seed(6)
+    X, y = torch.randn(10, 4, dtype=F64, generator=gen), torch.randint(3, (10,), generator=gen)
+    W = (0.5 * torch.randn(3, 4, dtype=F64, generator=gen)).requires_grad_()
+    opt = lrfree.GLyDER(torch.optim.SGD([W], lr=0.2), beta=0.0)
+    logits = X @ W.T
+    (g_hat,), n = sampled_label_gradient(logits, [W], torch.Generator().manual_seed(7))
+    opt.gnb_backward(logits, generator=torch.Generator().manual_seed(7))
+    F.cross_entropy(logits, y).backward()
+    g = W.grad.clone()
+    opt.step()
+    d = 0.2 * g
+    expected = float((g * d).sum() / (n * (g_hat * d).sum() ** 2))
+    assert float(opt.scalars()["step_size"]) == pytest.approx(expected, rel=1e-12)
