@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from . import validation as V
 from .backends import torch_ref as R
-from .methods.adam import Adam, AdamW
+from .methods.adam import Adam, AdamW, update_moments_
 from .optimizer import FusedOptimizer, StepBatch
 
 __all__ = ["GLyDER", "sampled_label_gradient"]
@@ -322,19 +322,12 @@ class GLyDER(FusedOptimizer):
         ok = batch.ok
         rows = []
         for i, it in enumerate(batch.items):
-            group, st = it.group, it.state
-            beta1, beta2 = group["betas"]
+            group = it.group
             x = R.up(it.p, it.p)
             g = R.up(it.g, it.p)
             if not self.decoupled and group["weight_decay"] != 0:
                 g = R.axpy(g, x, group["weight_decay"])
-            m = torch.lerp(st["exp_avg"], g, 1 - beta1)
-            v = R.addcmul(st["exp_avg_sq"] * beta2, g, g, 1 - beta2)
-            R.commit_(st["exp_avg"], m, ok)
-            R.commit_(st["exp_avg_sq"], v, ok)
-            if group["amsgrad"]:
-                v = torch.maximum(st["max_exp_avg_sq"], v)
-                R.commit_(st["max_exp_avg_sq"], v, ok)
+            m, v = update_moments_(it.state, g, group, ok)
             d = self._adam_direction(it, m, v, step[i], x)
             a = R.up(probe[it.param], it.p) if probe is not None else g
             gnb_dot = R.dot(gnb[it.param], d) if gnb is not None else torch.zeros((), dtype=torch.float64,

@@ -19,6 +19,22 @@ from ..backends import torch_ref as R
 from ..optimizer import FusedOptimizer, StepBatch
 
 
+def update_moments_(state: dict, g: torch.Tensor, group: dict,
+                    ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²  (v̂max ← max(v̂max, v) with amsgrad), committed only if the
+    step is accepted; returns (m, the v the step divides by). The reference of Adam's moments, shared
+    with GLyDER's Adam direction."""
+    beta1, beta2 = group["betas"]
+    m = torch.lerp(state["exp_avg"], g, 1 - beta1)
+    v = R.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
+    R.commit_(state["exp_avg"], m, ok)
+    R.commit_(state["exp_avg_sq"], v, ok)
+    if group["amsgrad"]:
+        v = torch.maximum(state["max_exp_avg_sq"], v)
+        R.commit_(state["max_exp_avg_sq"], v, ok)
+    return m, v
+
+
 class Adam(FusedOptimizer):
     """Adam (Kingma & Ba, 2015) with coupled L2 weight decay, as ``torch.optim.Adam``."""
 
@@ -70,13 +86,7 @@ class Adam(FusedOptimizer):
                     x = x * (1 - lr * wd)
                 else:
                     g = R.axpy(g, x, wd)
-            m = torch.lerp(st["exp_avg"], g, 1 - beta1)
-            v = R.addcmul(st["exp_avg_sq"] * beta2, g, g, 1 - beta2)
-            R.commit_(st["exp_avg"], m, ok)
-            R.commit_(st["exp_avg_sq"], v, ok)
-            if group["amsgrad"]:
-                v = torch.maximum(st["max_exp_avg_sq"], v)
-                R.commit_(st["max_exp_avg_sq"], v, ok)
+            m, v = update_moments_(st, g, group, ok)
             bias_correction1 = 1 - beta1 ** t
             bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
             denom = v.sqrt() / bias_correction2_sqrt + eps
