@@ -237,38 +237,34 @@ class GLyDER(FusedOptimizer):
         for name, value in new.items():
             self._set(name, value, ok)
 
-    def _probe_curvature(self, batch: StepBatch, directions: list[torch.Tensor], dir_sq: torch.Tensor,
-                         grad_dot: torch.Tensor) -> torch.Tensor:
-        """dᵀHd ≈ (⟨∇f(x + hd), d⟩ − ⟨∇f(x), d⟩)/h with h‖d‖ = fd_step (torch ops on every backend)."""
+    def _probe_curvature(self, batch: StepBatch, origin: list[torch.Tensor], directions: list[torch.Tensor],
+                         dir_sq: torch.Tensor, grad_dot: torch.Tensor) -> torch.Tensor:
+        """dᵀHd ≈ (⟨∇f(x + hd), d⟩ − ⟨∇f(x), d⟩)/h with h‖d‖ = fd_step (torch ops on every backend). Leaves
+        every parameter at origin + h·d, where the closure ran: the caller puts them back."""
         h = R.safe_div(torch.full_like(dir_sq, self.fd_step), dir_sq.sqrt())
-        params = [it.p for it in batch.items]
-        saved = torch._foreach_mul(params, 1.0)
-        for p, d in zip(params, directions):
-            p.copy_(R.axpy(R.up(p, p), R.up(d, p), h))
+        for it, x, d in zip(batch.items, origin, directions):
+            it.p.copy_(R.axpy(R.up(x, x), R.up(d, x), h))
         with torch.enable_grad():
             self._closure()
         probed = batch.reduce(torch.stack([R.dot(it.param.grad, d) for it, d in zip(batch.items, directions)]))
         probed, = batch.sync(probed)
-        torch._foreach_copy_(params, saved)
         return R.safe_div(probed - grad_dot, h)
 
     # -- generic direction: the base's own step, d = x_before − x_after ---------------------------------
     def _generic_update(self, batch: StepBatch) -> None:
         params = [it.p for it in batch.items]
         before = torch._foreach_mul(params, 1.0)
-        grads = [it.g.clone() for it in batch.items] if self.curvature == "fd" else [it.g for it in batch.items]
         loss = batch.loss
         if getattr(self.base, "requires_loss", False):
             self.base.step(loss=loss)
         else:
             self.base.step()
         directions = torch._foreach_sub(before, params)
-        stats = torch.stack([self._ref_row(it, g, d) for it, g, d in zip(batch.items, grads, directions)])
+        stats = torch.stack([self._ref_row(it, d) for it, d in zip(batch.items, directions)])
         stats, = batch.sync(batch.reduce_rows(stats))
         curvature = None
-        if self.curvature == "fd":
-            torch._foreach_copy_(params, before)
-            curvature = self._probe_curvature(batch, directions, stats[DIR_SQ], stats[GRAD_DOT])
+        if self.curvature == "fd":  # the parameters are rewritten from `before` below
+            curvature = self._probe_curvature(batch, before, directions, stats[DIR_SQ], stats[GRAD_DOT])
         new = self._rule(stats, curvature)
         ok = batch.ok
         coef = batch.per_item("lr") * new["step_size"]
@@ -277,8 +273,9 @@ class GLyDER(FusedOptimizer):
             it.p.copy_(torch.where(ok, R.axpy(R.up(x0, x0), R.up(d, x0), -coef[i]).to(it.p.dtype), x0))
         self._commit_rule(new, ok)
 
-    def _ref_row(self, it, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    def _ref_row(self, it, d: torch.Tensor) -> torch.Tensor:
         """[⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩] of one tensor, fp64."""
+        g = it.g
         a = self._probe[it.param] if self.gradient == "split" else g
         gnb = R.dot(self._gnb[it.param], d) if self.curvature == "gnb" else torch.zeros((), dtype=torch.float64,
                                                                                         device=d.device)
@@ -293,8 +290,11 @@ class GLyDER(FusedOptimizer):
         stats, = batch.sync(batch.reduce_rows(stats))
         curvature = None
         if self.curvature == "fd":
-            directions = self._adam_directions(batch, step)
-            curvature = self._probe_curvature(batch, directions, stats[DIR_SQ], stats[GRAD_DOT])
+            params = [it.p for it in batch.items]
+            origin = torch._foreach_mul(params, 1.0)
+            curvature = self._probe_curvature(batch, origin, self._adam_directions(batch, step), stats[DIR_SQ],
+                                              stats[GRAD_DOT])
+            torch._foreach_copy_(params, origin)
         new = self._rule(stats, curvature)
         # pass B: x ← x − lr η d, d recomputed from the new m and v
         self._pass("glyder_adam_apply")(batch, step, batch.per_item("lr") * new["step_size"])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import lrfree
 
-from .optimizers import Contender, before_backward, contender, live_value
+from .optimizers import Contender, before_backward, contender, live_values
 from .output import Output, UsageError, markdown_table, new_figure
 
 VAL_BATCHES, VAL_BATCH = 8, 64
@@ -164,7 +164,7 @@ def train(optimizer: str | Contender | Callable, steps: int, *, width=128, layer
         else:
             opt.step()
         losses.append(loss.detach())  # kept on the device: the loop never waits for the GPU
-        values = {key: live_value(opt, key) for key in live_keys}
+        values = live_values(opt, live_keys)
         if live_keys:
             lives.append(values[live_keys[0]])
         if bar is not None:

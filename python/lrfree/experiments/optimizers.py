@@ -61,12 +61,16 @@ def parse_names(text: str) -> list[Contender]:
     return [contender(n) for n in names]
 
 
-def live_value(opt, key: str) -> torch.Tensor:
-    """The optimizer's live scalar ``key`` as a 0-d tensor, without a host sync (read it later)."""
-    if key == "lr":
-        return torch.tensor(float(opt.param_groups[0]["lr"]))
-    value = opt.scalars()[key]
-    return value.reshape(-1)[0] if value.dim() else value
+def live_values(opt, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The optimizer's live scalars ``keys`` as 0-d tensors, without a host sync (read them later)."""
+    if not keys:
+        return {}
+    scalars = {} if keys == ("lr",) else opt.scalars()
+    out = {}
+    for key in keys:
+        value = torch.tensor(float(opt.param_groups[0]["lr"])) if key == "lr" else scalars[key]
+        out[key] = value.reshape(-1)[0] if value.dim() else value
+    return out
 
 
 def before_backward(opt, logits: torch.Tensor) -> None:
