@@ -102,3 +102,28 @@ def test_the_module_and_the_console_script_run_the_same_command():
     from importlib.metadata import entry_points
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("lrfree") == "lrfree.cli:main"
+
+
+def test_the_loop_gives_glyder_what_its_estimators_need():
+    """experiments.optimizers.backward: GLyDER gets ĝ (gnb) and, with gradient="split", the direction from
+    the second half of the batch; the loss it returns is the whole batch's either way."""
+    import torch
+    import torch.nn.functional as F
+
+    import lrfree
+    from lrfree.experiments.optimizers import backward
+
+    torch.manual_seed(0)
+    w = torch.randn(5, 3, requires_grad=True)
+    x, y = torch.randn(6, 4, 3), torch.randint(5, (6, 4))
+    whole = F.cross_entropy((x @ w.T).flatten(0, 1), y.flatten())
+    second, = torch.autograd.grad(F.cross_entropy((x[3:] @ w.T).flatten(0, 1), y[3:].flatten()), w)
+    opt = lrfree.GLyDER(torch.optim.SGD([w], lr=0.1), gradient="split")
+    loss = backward(opt, x @ w.T, y)
+    assert torch.allclose(loss, whole) and torch.allclose(w.grad, second)
+    assert set(opt._gnb) == {w} and set(opt._probe) == {w}
+    opt.step()
+    plain = torch.optim.SGD([w], lr=0.1)
+    w.grad = None
+    assert torch.allclose(backward(plain, x @ w.T, y), F.cross_entropy((x @ w.T).flatten(0, 1), y.flatten()))
+    assert w.grad is not None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import lrfree
 
-from .optimizers import Contender, before_backward, contender, live_values
+from .optimizers import Contender, backward, contender, live_values
 from .output import Output, UsageError, markdown_table, new_figure
 
 VAL_BATCHES, VAL_BATCH = 8, 64
@@ -154,11 +154,8 @@ def train(optimizer: str | Contender | Callable, steps: int, *, width=128, layer
     start = time.perf_counter()
     for step in range(steps):
         x, y = (t.to(device) for t in sample_batch(train_ids, batch, context, gen))
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         opt.zero_grad(set_to_none=True)
-        before_backward(opt, logits)
-        loss.backward()
+        loss = backward(opt, model(x), y)
         if isinstance(opt, lrfree.FusedOptimizer):  # Polyak-type methods need the loss
             opt.step(loss=loss.detach())
         else:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import lrfree
 
@@ -41,6 +42,8 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("SPS", _free(lrfree.SPS), ("step_size",)),
     Contender("COCOB", _free(lrfree.COCOB)),
     Contender("GLyDER", lambda params, steps, lr: lrfree.GLyDER(lrfree.Adam(params)), ("step_size",)),
+    Contender("GLyDER-split", lambda params, steps, lr: lrfree.GLyDER(lrfree.Adam(params), gradient="split"),
+              ("step_size",)),
     Contender("AdamW", lambda params, steps, lr: lrfree.AdamW(params, lr=lr, weight_decay=0.0), ("lr",), True),
     Contender("Adam", lambda params, steps, lr: torch.optim.Adam(params, lr=lr), ("lr",), True),
     Contender("SGD", lambda params, steps, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), ("lr",), True),
@@ -73,8 +76,20 @@ def live_values(opt, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return out
 
 
-def before_backward(opt, logits: torch.Tensor) -> None:
-    """What an optimizer needs from the forward pass besides the gradient: GLyDER's sampled-label
-    gradient for its Gauss–Newton curvature (one extra backward through the same graph)."""
-    if isinstance(opt, lrfree.GLyDER) and opt.curvature == "gnb":
-        opt.gnb_backward(logits)
+def backward(opt, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of ``logits`` (…, C) against ``targets`` (…), backpropagated the way ``opt`` needs
+    it, and returned: GLyDER also gets its sampled-label gradient for the Gauss–Newton curvature (one extra
+    backward through the same graph) and, with ``gradient="split"``, the two halves of the batch."""
+    flat, labels = logits.flatten(0, -2), targets.flatten()
+    glyder = opt if isinstance(opt, lrfree.GLyDER) else None
+    if glyder is not None and glyder.curvature == "gnb":
+        glyder.gnb_backward(logits)
+    if glyder is not None and glyder.gradient == "split":
+        half = logits.shape[0] // 2  # by examples (rows of the batch), so each half is a minibatch
+        loss_a = F.cross_entropy(logits[:half].flatten(0, -2), targets[:half].flatten())
+        loss_b = F.cross_entropy(logits[half:].flatten(0, -2), targets[half:].flatten())
+        glyder.split_backward(loss_a, loss_b)
+        return F.cross_entropy(flat.detach(), labels)
+    loss = F.cross_entropy(flat, labels)
+    loss.backward()
+    return loss

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import lrfree
 
 from . import chargpt
-from .optimizers import Contender, before_backward, parse_names
+from .optimizers import Contender, backward, parse_names
 from .output import Output, UsageError, markdown_table, mean_std, new_figure
 
 DEFAULT_METHODS = "SGD,SPS,DoG,DAdaptSGD,DAdaptAdam,Prodigy,COCOB,PSSPS,PSDASGD,Adam"
@@ -52,11 +52,8 @@ def digits_run(c: Contender, lr: float | None, seed: int, steps: int, device: to
     curve = []
     for _ in range(steps):
         idx = torch.randint(len(xtr), (64,), generator=gen)
-        logits = model(xtr[idx].to(device))
-        loss = F.cross_entropy(logits, ytr[idx].to(device))
         opt.zero_grad(set_to_none=True)
-        before_backward(opt, logits)
-        loss.backward()
+        loss = backward(opt, model(xtr[idx].to(device)), ytr[idx].to(device))
         _step(opt, loss)
         curve.append(loss.detach())
     with torch.no_grad():
