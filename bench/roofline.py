@@ -69,7 +69,7 @@ FUSED: dict[str, Traffic] = {
     "AdamW": Traffic(32, 2, 2, 2, "guard pass"),
     "PSSPS": Traffic(28, 2, 2, 2, "the stats pass is also the guard"),
     "PSDASGD": Traffic(40, 2, 2, 2, "guard pass; the start pass returns at once after step 0"),
-    "GLyDER": Traffic(52, 3, 4, 4, "guard pass and ĝ's norm; pass A also reads x (needed only with weight decay)"),
+    "GLyDER": Traffic(48, 2, 4, 4, "guard pass and ĝ's norm"),
 }
 
 

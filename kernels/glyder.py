@@ -3,7 +3,7 @@
 Pass A updates m and v (v̂max with amsgrad) and reduces per tensor ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩ and ⟨g, d⟩
 (a: the gradient, or the other half-batch's; ĝ: the sampled-label gradient), forming d in registers.
 Pass B recomputes d from the new m and v and applies x ← x − c·d. Bytes: A reads x, g, m, v (+ a, ĝ) and
-writes m, v (R 16–24, W 8); B reads x, m, v and writes x (R 12, W 4).
+writes m, v (R 12–24, W 8: x only with weight decay); B reads x, m, v and writes x (R 12, W 4).
 """
 
 from __future__ import annotations
@@ -29,16 +29,19 @@ def _direction(m, v, x, row, ACC: tl.constexpr, DECOUPLED: tl.constexpr):
 @triton.jit
 def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, numels, block_tensor, block_start,
                   table, ok, partials, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr,
-                  AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, BLOCK: tl.constexpr):
+                  AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, HAS_DECAY: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
     accept = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
     row = table + 8 * t
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
     v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
-    x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
-    if not DECOUPLED:
-        g = g + tl.load(row + 5).to(ACC) * x
+    x = tl.zeros([BLOCK], dtype=ACC)
+    if HAS_DECAY:  # x enters pass A only through weight decay: without it, it is not read
+        x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        if not DECOUPLED:
+            g = g + tl.load(row + 5).to(ACC) * x
     m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(row + 1).to(ACC) * g
     v = tl.load(row + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0) + tl.load(row + 3).to(ACC) * g * g
     tl.store(m_ptr + offs, m, mask=accept)
@@ -47,7 +50,7 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
         vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
         tl.store(vmax_ptr + offs, v, mask=accept)
-    d = tl.where(mask, _direction(m, v, x, row, ACC, DECOUPLED), 0.0)
+    d = tl.where(mask, _direction(m, v, x, row, ACC, DECOUPLED and HAS_DECAY), 0.0)
     a = g
     if HAS_PROBE:
         a = tl.load(tl.load(a_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
@@ -101,12 +104,13 @@ def glyder_adam_stats(opt, batch, step: torch.Tensor, probe: dict | None, gnb: d
     parts = []
     for group in dtype_groups(batch, slots, key=lambda it: it.group["amsgrad"]):
         geo = group.geo
+        has_decay = any(it.group["weight_decay"] != 0 for it in group.items)
         partials = group.partials(4)
         rows = table if group.whole else table.index_select(0, group._indices())
         launch(_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, rows, ok_flag(batch), partials, X=group.tl_dtype, ACC=group.acc,
                DECOUPLED=opt.decoupled, AMSGRAD=group.variant, HAS_PROBE=probe is not None, HAS_GNB=gnb is not None,
-               BLOCK=geo.block)
+               HAS_DECAY=has_decay, BLOCK=geo.block)
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 

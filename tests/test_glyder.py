@@ -118,7 +118,8 @@ def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradie
     return [p.detach().clone() for p in model.parameters()], opt
 
 
-ADAM_CASES = [dict(), dict(decoupled=False), dict(amsgrad=True), dict(curvature="constant"),
+ADAM_CASES = [dict(), dict(decoupled=False), dict(weight_decay=0.0), dict(decoupled=False, weight_decay=0.0),
+              dict(amsgrad=True), dict(curvature="constant"),
               dict(gradient="split"), dict(gradient="split", curvature="constant", decoupled=False)]
 
 
