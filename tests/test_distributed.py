@@ -4,7 +4,6 @@ loss on one rank skips the step on every rank. The processes are in ``distribute
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

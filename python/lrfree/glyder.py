@@ -41,7 +41,6 @@ gradient in ⟨a, d⟩ is ``p.grad`` (a base's own L2 weight decay is not part o
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -169,12 +168,8 @@ class GLyDER(FusedOptimizer):
 
     # ------------------------------------------------------------------ state
     def init_state(self, p, group):
-        if not self.adam_direction:
-            return {}
-        state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = self.zeros_state(p)
-        return state
+        # the Adam direction keeps the base's own moments; a generic base keeps its state itself
+        return self.base.init_state(p, group) if self.adam_direction else {}
 
     def initial_scalars(self):
         return {"numerator": 0.0, "curvature": 0.0, "step_size": 0.0, "dir_norm": 0.0}

@@ -130,7 +130,7 @@ class StepBatch:
         """rejections = number of ranks that found a non-finite gradient (or GradScaler's found-inf);
         loss = Σ of the ranks' losses."""
         inputs = self.inputs
-        inputs.loss = loss[0][0] / world_size if loss else None
+        inputs.loss = (loss[0][0] if world_size == 1 else loss[0][0] / world_size) if loss else None
         ok = rejections[0] == 0
         if self.optimizer.skip_nonfinite and inputs.loss is not None:
             ok = ok & torch.isfinite(inputs.loss)
@@ -575,23 +575,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             counter.add_(1.0)  # every step draws new bits, taken or skipped
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
         found_inf = None if found_inf is None else found_inf.to(device=self.device, dtype=torch.float64)
+        # whether this rank rejects the step, and its loss; data parallel, they join the step's first collective
+        rejects = torch.zeros((), dtype=torch.float64, device=self.device)
+        if self.skip_nonfinite:
+            rejects = (~torch.isfinite(self._finite_witness(batch))).to(torch.float64)
+        if found_inf is not None:
+            rejects = rejects + (found_inf != 0).to(torch.float64)
+        inputs = [rejects.reshape(1)] + ([loss_t.reshape(1)] if loss_t is not None else [])
         layout = self._layout
         if layout is not None and (layout.sharded or loss_t is not None):
-            # data parallel: whether this rank rejects the step, and its loss, join the step's first collective
-            rejects = torch.zeros((), dtype=torch.float64, device=self.device)
-            if self.skip_nonfinite:
-                rejects = (~torch.isfinite(self._finite_witness(batch))).to(torch.float64)
-            if found_inf is not None:
-                rejects = rejects + (found_inf != 0).to(torch.float64)
-            batch.inputs.pending = [rejects.reshape(1)] + ([loss_t.reshape(1)] if loss_t is not None else [])
-        else:
-            ok = (torch.isfinite(self._finite_witness(batch)) if self.skip_nonfinite
-                  else torch.ones((), dtype=torch.bool, device=self.device))
-            if self.skip_nonfinite and loss_t is not None:
-                ok = ok & torch.isfinite(loss_t)
-            if found_inf is not None:
-                ok = ok & (found_inf == 0)
-            batch.inputs.ok = ok
+            batch.inputs.pending = inputs
+        else:  # the other ranks (if any) decide the same from the same all-reduced gradients
+            batch._finish_inputs(*inputs, world_size=1)
         self._update(batch)
         self._scalar_store["skipped"].add_((~batch.ok).to(torch.float64))
 

@@ -16,9 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lrfree
-
-from .optimizers import Contender, backward, contender, live_values
+from .optimizers import Contender, backward, contender, live_values, step
 from .output import Output, UsageError, markdown_table, new_figure
 
 VAL_BATCHES, VAL_BATCH = 8, 64
@@ -152,21 +150,18 @@ def train(optimizer: str | Contender | Callable, steps: int, *, width=128, layer
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, desc=f"{name:<14}", unit="step", leave=True, dynamic_ncols=True)
     start = time.perf_counter()
-    for step in range(steps):
+    for t in range(steps):
         x, y = (t.to(device) for t in sample_batch(train_ids, batch, context, gen))
         opt.zero_grad(set_to_none=True)
         loss = backward(opt, model(x), y)
-        if isinstance(opt, lrfree.FusedOptimizer):  # Polyak-type methods need the loss
-            opt.step(loss=loss.detach())
-        else:
-            opt.step()
+        step(opt, loss)
         losses.append(loss.detach())  # kept on the device: the loop never waits for the GPU
         values = live_values(opt, live_keys)
         if live_keys:
             lives.append(values[live_keys[0]])
         if bar is not None:
             bar.update(1)
-            if step % 10 == 0 or step == steps - 1:  # reading values here synchronizes: only every 10 steps
+            if t % 10 == 0 or t == steps - 1:  # reading values here synchronizes: only every 10 steps
                 bar.set_postfix({"loss": f"{float(loss):.3f}", **{k: f"{float(v):.3g}" for k, v in values.items()}})
     if device != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()

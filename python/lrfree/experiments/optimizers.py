@@ -76,6 +76,14 @@ def live_values(opt, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     return out
 
 
+def step(opt, loss: torch.Tensor) -> None:
+    """``opt.step()``, with the loss for lrfree optimizers (the Polyak-type methods need it)."""
+    if isinstance(opt, lrfree.FusedOptimizer):
+        opt.step(loss=loss.detach())
+    else:
+        opt.step()
+
+
 def backward(opt, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The cross-entropy of ``logits`` (…, C) against ``targets`` (…), backpropagated the way ``opt`` needs
     it, and returned: GLyDER also gets its sampled-label gradient for the Gauss–Newton curvature (one extra

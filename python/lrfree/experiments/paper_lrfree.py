@@ -16,10 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lrfree
-
 from . import chargpt
-from .optimizers import Contender, backward, parse_names
+from .optimizers import Contender, backward, parse_names, step
 from .output import Output, UsageError, markdown_table, mean_std, new_figure
 
 DEFAULT_METHODS = "SGD,SPS,DoG,DAdaptSGD,DAdaptAdam,Prodigy,COCOB,PSSPS,PSDASGD,Adam"
@@ -32,13 +30,6 @@ class Run:
     val_loss: float
     val_accuracy: float | None
     curve: list[float]  # training loss per step
-
-
-def _step(opt, loss: torch.Tensor) -> None:
-    if isinstance(opt, lrfree.FusedOptimizer):
-        opt.step(loss=loss.detach())
-    else:
-        opt.step()
 
 
 def digits_run(c: Contender, lr: float | None, seed: int, steps: int, device: torch.device, data) -> Run:
@@ -54,7 +45,7 @@ def digits_run(c: Contender, lr: float | None, seed: int, steps: int, device: to
         idx = torch.randint(len(xtr), (64,), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss = backward(opt, model(xtr[idx].to(device)), ytr[idx].to(device))
-        _step(opt, loss)
+        step(opt, loss)
         curve.append(loss.detach())
     with torch.no_grad():
         logits = model(xva.to(device))
