@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
@@ -20,17 +20,17 @@ from .common import dtype_groups, launch, ok_flag
 @triton.jit
 def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, ok,
                  sr_seeds, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 SR: tl.constexpr, BLOCK: tl.constexpr):
+                 SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     # per tensor: (β1, 1−β1, β2, 1−β2, eps, wd, 1 − lr·wd, step size lr/bc1, √bc2, sign)
     row = table + 10 * t
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC) * tl.load(row + 9).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC) * tl.load(row + 9).to(ACC)
     if DECOUPLED:
         x = x * tl.load(row + 6).to(ACC)
     else:
@@ -40,7 +40,7 @@ def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+        vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
         tl.store(vmax_ptr + offs, v, mask=mask)
     denom = tl.sqrt(v) / tl.load(row + 8).to(ACC) + tl.load(row + 4).to(ACC)
@@ -68,4 +68,4 @@ def adam_step(opt, batch, step: torch.Tensor) -> None:
         rows = table if group.whole else table.index_select(0, group._indices())
         launch(_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, rows, ok_flag(batch), X=group.tl_dtype, ACC=group.acc, DECOUPLED=opt.decoupled,
-               AMSGRAD=group.variant, BLOCK=geo.block, **rounding(batch, group))
+               AMSGRAD=group.variant, **group.tiling(warps=4), **rounding(batch, group))

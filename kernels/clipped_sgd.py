@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
@@ -16,16 +16,16 @@ from .common import dtype_groups, launch, ok_flag
 @triton.jit
 def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_start, clip, lr, decay, momentum,
                           nesterov, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, HAS_BUF: tl.constexpr,
-                          SR: tl.constexpr, BLOCK: tl.constexpr):
+                          SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     d = g * tl.load(clip).to(ACC) + tl.load(decay + t).to(ACC) * x
     if HAS_BUF:
-        buf_ptr = tl.load(buf_ptrs + t).to(tl.pointer_type(ACC))
+        buf_ptr = tensor_ptr(buf_ptrs, t, ACC, ALIGNED)
         mu = tl.load(momentum + t).to(ACC)
         buf = mu * tl.load(buf_ptr + offs, mask=mask) + d
         tl.store(buf_ptr + offs, buf, mask=mask)
@@ -46,4 +46,4 @@ def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
         launch(_clipped_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1),
                geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, clip,
                group.take(lr), group.take(decay), group.take(momentum), group.take(nesterov), ok_flag(batch),
-               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, BLOCK=geo.block, **rounding(batch, group))
+               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, **group.tiling(warps=4), **rounding(batch, group))

@@ -9,25 +9,25 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
 def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs, numels, block_tensor, block_start,
-                  decay_vec, coeffs, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+                  decay_vec, coeffs, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    theta_ptr = tl.load(theta_ptrs + t).to(tl.pointer_type(ACC))
-    gsum_ptr = tl.load(gsum_ptrs + t).to(tl.pointer_type(ACC))
-    l_ptr = tl.load(l_ptrs + t).to(tl.pointer_type(ACC))
-    r_ptr = tl.load(r_ptrs + t).to(tl.pointer_type(ACC))
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    theta_ptr = tensor_ptr(theta_ptrs, t, ACC, ALIGNED)
+    gsum_ptr = tensor_ptr(gsum_ptrs, t, ACC, ALIGNED)
+    l_ptr = tensor_ptr(l_ptrs, t, ACC, ALIGNED)
+    r_ptr = tensor_ptr(r_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     g = (g + tl.load(decay_vec + t).to(ACC) * x) * tl.load(coeffs).to(ACC)
     big_l = tl.maximum(tl.load(l_ptr + offs, mask=mask, other=1.0), tl.abs(g))
     theta = tl.load(theta_ptr + offs, mask=mask) - g
@@ -49,4 +49,4 @@ def cocob_step(opt, batch, scale: float) -> None:
         geo = group.geo
         launch(_cocob_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, group.take(decay), coeffs, ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
-               BLOCK=geo.block, **rounding(batch, group))
+               **group.tiling(warps=8), **rounding(batch, group))

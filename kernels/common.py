@@ -13,9 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import Geometry, TL_DTYPE, geometry, launch, per_tensor, program_elements
+from .multi_tensor import Geometry, TL_DTYPE, aligned, geometry, launch, per_tensor, program_elements, tensor_ptr
 
 F64 = torch.float64
+MAX_WARPS = 16  # 4 elements per thread at BLOCK = 2048
 
 
 def acc_dtype(dtype: torch.dtype):
@@ -39,6 +40,17 @@ class DtypeGroup:
         columns = [slots(it) for it in items]
         self.geo: Geometry = geometry([[c[s] for c in columns] for s in range(len(columns[0]))])
         self.whole = len(index) == len(batch.items)
+
+    def tiling(self, warps: int) -> dict:
+        """A launch's tile: BLOCK elements per program, 128-bit accesses when aligned, and its warps.
+
+        ``warps`` is the kernel's own choice for aligned fp32/bf16/fp16 tensors, made from its compiled
+        register count (a thread then holds BLOCK / (32 · warps) elements of every stream). Scalar accesses
+        (not aligned) and fp64 need about twice the registers per element, so they get twice the warps
+        each: every variant keeps >= 16 resident warps per SM on an H100, without spills (checked ahead of
+        time for every variant by tests/test_kernels_compile.py; table in bench/KERNELS.md)."""
+        warps *= (1 if self.geo.aligned else 2) * (2 if self.dtype == torch.float64 else 1)
+        return {"BLOCK": self.geo.block, "ALIGNED": self.geo.aligned, "num_warps": min(warps, MAX_WARPS)}
 
     @property
     def tl_dtype(self):
@@ -64,13 +76,16 @@ def dtype_groups(batch, slots: Callable[[object], Sequence[torch.Tensor]], key: 
                  only: Callable | None = None) -> list[DtypeGroup]:
     """Split the step's items by parameter dtype (and ``key(item)``, a compile-time variant such as
     "has a momentum buffer"), keeping those with ``only(item)``; ``slots(item)`` lists the tensors a
-    kernel streams. Each group carries ``variant``, its ``key`` value."""
+    kernel streams. Each group carries ``variant``, its ``key`` value. Tensors whose streams are not all
+    aligned for 128-bit accesses (``multi_tensor.aligned``) form groups of their own."""
     order: dict[tuple, list[int]] = {}
     for i, it in enumerate(batch.items):
         if only is None or only(it):
-            order.setdefault((it.p.dtype, key(it) if key else None), []).append(i)
+            variant = key(it) if key else None
+            streams = slots(it) if key is None else slots(it, variant)
+            order.setdefault((it.p.dtype, variant, aligned(streams)), []).append(i)
     groups = []
-    for (_, variant), index in order.items():
+    for (_, variant, _), index in order.items():
         group = DtypeGroup(batch, index, lambda it, v=variant: slots(it) if key is None else slots(it, v))
         group.variant = variant
         groups.append(group)
@@ -103,9 +118,9 @@ def ok_flag(batch) -> torch.Tensor:
 
 @triton.jit
 def _sumsq_kernel(g_ptrs, numels, block_tensor, block_start, partials,
-                  G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(G)) + offs, mask=mask, other=0.0).to(ACC)
+                  G: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    g = tl.load(tensor_ptr(g_ptrs, t, G, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     tl.store(partials + pid, tl.sum(g * g, axis=0))
 
 
@@ -116,6 +131,6 @@ def grad_sq(batch) -> torch.Tensor:
         geo = group.geo
         partials = group.partials(1)
         launch(_sumsq_kernel, (geo.n_blocks,), geo.slot(0), geo.numels, geo.block_tensor, geo.block_start,
-               partials, G=group.tl_dtype, ACC=group.acc, BLOCK=geo.block)
+               partials, G=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)[:, 0]

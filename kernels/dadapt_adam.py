@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
@@ -19,8 +19,8 @@ from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 @triton.jit
 def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_vec,
                         decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, sr_seeds, X: tl.constexpr,
-                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     # (β1, 1−β1, β2, 1−β2, √β2, 1−√β2): the complements come from the host in fp64, since 1 − β2
     # formed in fp32 loses 4 digits to cancellation
@@ -33,15 +33,15 @@ def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_te
     eps = tl.load(eps_vec + t).to(ACC)
     decay = tl.load(decay_vec + t).to(ACC)
     dlr = tl.load(dlr_ptr).to(ACC)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if tl.load(adapting + t) != 0:
-        s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
-        g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
+        g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if not DECOUPLE:
             g = g + decay * x
         s = tl.load(s_ptr + offs, mask=mask, other=0.0)
@@ -75,6 +75,6 @@ def dadapt_adam_step(opt, batch, dlr: torch.Tensor) -> torch.Tensor:
         launch(_dadapt_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(eps), group.take(decay), group.take(scale),
                group.take(adapting), dlr, ok_flag(batch), partials, coeffs, X=group.tl_dtype, ACC=group.acc,
-               DECOUPLE=hp["decouple"], BLOCK=geo.block, **rounding(batch, group))
+               DECOUPLE=hp["decouple"], **group.tiling(warps=8), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

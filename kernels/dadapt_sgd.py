@@ -10,21 +10,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
 
 @triton.jit
 def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, block_start, adapting, dlr, ok,
-                       partials, coeffs, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+                       partials, coeffs, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     # the accept flag as a block mask (stores of a rejected step are masked off)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     decay = tl.load(coeffs).to(ACC)
     beta = tl.load(coeffs + 1).to(ACC)
     averaging = tl.load(coeffs + 2).to(ACC)  # 1 − β, formed in fp64 on the host
@@ -38,7 +38,7 @@ def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, bl
     else:
         tl.store(partials + 2 * pid, 0.0)
         tl.store(partials + 2 * pid + 1, 0.0)
-    x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     tl.store(x_ptr + offs, to_param(x * beta + (x0 - s) * averaging, X, SR, sr_seeds, t, offs), mask=mask & accept)
 
 
@@ -51,6 +51,6 @@ def dadapt_sgd_step(opt, batch, dlr: torch.Tensor, decay: float, beta: float) ->
         launch(_dadapt_sgd_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.slot(3), geo.numels,
                geo.block_tensor, geo.block_start, group.take(adapting), dlr, ok_flag(batch), partials,
                batch.vector((decay, beta, 1.0 - beta)),
-               X=group.tl_dtype, ACC=group.acc, BLOCK=geo.block, **rounding(batch, group))
+               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

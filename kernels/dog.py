@@ -7,18 +7,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .common import assemble, dtype_groups, launch, reduce_partials
 from .sgd import sgd_apply  # noqa: F401  (DoG's apply pass)
 
 
 @triton.jit
 def _dog_stats_kernel(x_ptrs, g_ptrs, x0_ptrs, numels, block_tensor, block_start, decay, partials,
-                      X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
-    x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+                      X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    x = tl.load(tensor_ptr(x_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+    x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     if HAS_DECAY:
         g = g + tl.load(decay + t).to(ACC) * x
     dx = x - x0
@@ -33,6 +33,6 @@ def dog_stats(opt, batch, decay: torch.Tensor | None) -> torch.Tensor:
         partials = group.partials(2)
         launch(_dog_stats_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.numels,
                geo.block_tensor, geo.block_start, group.take(decay) if decay is not None else partials, partials,
-               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, BLOCK=geo.block)
+               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, **group.tiling(warps=4))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
@@ -30,16 +30,16 @@ def _direction(m, v, x, row, ACC: tl.constexpr, DECOUPLED: tl.constexpr):
 def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, numels, block_tensor, block_start,
                   table, ok, partials, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr,
                   AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, HAS_DECAY: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
     row = table + 8 * t
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     x = tl.zeros([BLOCK], dtype=ACC)
     if HAS_DECAY:  # x enters pass A only through weight decay: without it, it is not read
-        x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        x = tl.load(tensor_ptr(x_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if not DECOUPLED:
             g = g + tl.load(row + 5).to(ACC) * x
     m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(row + 1).to(ACC) * g
@@ -47,17 +47,17 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
     tl.store(m_ptr + offs, m, mask=accept)
     tl.store(v_ptr + offs, v, mask=accept)
     if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+        vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
         v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
         tl.store(vmax_ptr + offs, v, mask=accept)
     d = tl.where(mask, _direction(m, v, x, row, ACC, DECOUPLED and HAS_DECAY), 0.0)
     a = g
     if HAS_PROBE:
-        a = tl.load(tl.load(a_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        a = tl.load(tensor_ptr(a_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     tl.store(partials + 4 * pid, tl.sum(a * d, axis=0))
     tl.store(partials + 4 * pid + 1, tl.sum(d * d, axis=0))
     if HAS_GNB:
-        gnb = tl.load(tl.load(gnb_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        gnb = tl.load(tensor_ptr(gnb_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         tl.store(partials + 4 * pid + 2, tl.sum(gnb * d, axis=0))
     else:
         tl.store(partials + 4 * pid + 2, 0.0)
@@ -66,15 +66,15 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
 
 @triton.jit
 def _apply_kernel(x_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, table, coef, ok, sr_seeds,
-                  X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+                  X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     row = table + 8 * t
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    m = tl.load(tl.load(m_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask)
-    v = tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask)
+    m = tl.load(tensor_ptr(m_ptrs, t, ACC, ALIGNED) + offs, mask=mask)
+    v = tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask)
     d = _direction(m, v, x, row, ACC, DECOUPLED)
     tl.store(x_ptr + offs, to_param(x - tl.load(coef + t).to(ACC) * d, X, SR, sr_seeds, t, offs), mask=mask)
 
@@ -110,7 +110,7 @@ def glyder_adam_stats(opt, batch, step: torch.Tensor, probe: dict | None, gnb: d
         launch(_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, rows, ok_flag(batch), partials, X=group.tl_dtype, ACC=group.acc,
                DECOUPLED=opt.decoupled, AMSGRAD=group.variant, HAS_PROBE=probe is not None, HAS_GNB=gnb is not None,
-               HAS_DECAY=has_decay, BLOCK=geo.block)
+               HAS_DECAY=has_decay, **group.tiling(warps=4))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 
@@ -122,4 +122,4 @@ def glyder_adam_apply(opt, batch, step: torch.Tensor, coef: torch.Tensor) -> Non
         rows = table if group.whole else table.index_select(0, group._indices())
         launch(_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.numels, geo.block_tensor,
                geo.block_start, rows, group.take(coef), ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
-               DECOUPLED=opt.decoupled, BLOCK=geo.block, **rounding(batch, group))
+               DECOUPLED=opt.decoupled, **group.tiling(warps=4), **rounding(batch, group))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 
@@ -20,26 +20,31 @@ from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 @triton.jit
 def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start,
                           slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, X: tl.constexpr,
-                          ACC: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+                          ACC: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, SLICED: tl.constexpr,
+                          BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
-    x = tl.load(tl.load(x_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    x = tl.load(tensor_ptr(x_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     if COUPLED:
         g = g + tl.load(decay_vec + t).to(ACC) * x
     # (β1, d(1−β1), β2, d²(1−β2), β3): d-dependent coefficients are formed on device in fp64
     if HAS_M:
-        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+        m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
         m = tl.load(coeffs).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 1).to(ACC) * g
         tl.store(m_ptr + offs, m, mask=mask & accept)
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
     v = tl.load(coeffs + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 3).to(ACC) * g * g
     tl.store(v_ptr + offs, v, mask=mask & accept)
-    stride = tl.load(slice_vec + t)
-    sliced = mask & (offs % stride == 0)
-    j = offs // stride
-    p0 = tl.load(tl.load(p0_ptrs + t).to(tl.pointer_type(X)) + j, mask=sliced, other=0.0).to(ACC)
-    s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+    if SLICED:  # s and p0 keep every slice_p-th element: 64-bit division per element, so only when needed
+        stride = tl.load(slice_vec + t)
+        sliced = mask & (offs % stride == 0)
+        j = offs // stride
+    else:
+        sliced = mask
+        j = offs
+    p0 = tl.load(tensor_ptr(p0_ptrs, t, X, ALIGNED) + j, mask=sliced, other=0.0).to(ACC)
+    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
     s = tl.load(coeffs + 4).to(ACC) * tl.load(s_ptr + j, mask=sliced, other=0.0) + tl.load(s_coef_vec + t).to(ACC) * g
     s = tl.where(sliced, s, 0.0)
     tl.store(s_ptr + j, s, mask=sliced & accept)
@@ -50,21 +55,21 @@ def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numel
 @triton.jit
 def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, decay_vec, eps_vec,
                           dlr_ptr, d_new_ptr, proceed, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, COUPLED: tl.constexpr,
-                          HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(proceed) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     dlr = tl.load(dlr_ptr).to(ACC)
     d_new = tl.load(d_new_ptr).to(ACC)
     decay = tl.load(decay_vec + t).to(ACC)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    denom = tl.sqrt(tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask)) \
+    denom = tl.sqrt(tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask)) \
         + d_new * tl.load(eps_vec + t).to(ACC)
     if HAS_M:
-        step = dlr * tl.load(tl.load(m_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask) / denom
+        step = dlr * tl.load(tensor_ptr(m_ptrs, t, ACC, ALIGNED) + offs, mask=mask) / denom
     else:
-        g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+        g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
         if COUPLED:
             g = g + decay * x
         step = dlr * d_new * g / denom
@@ -89,13 +94,14 @@ def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tenso
     slices = batch.index(it.group["slice_p"] for it in batch.items)
     decay = batch.per_item("weight_decay")
     parts = []
-    for group in dtype_groups(batch, _slots, only=lambda it: it.group["lr"] > 0):
+    for group in dtype_groups(batch, lambda it, sliced: _slots(it), key=lambda it: it.group["slice_p"] > 1,
+                              only=lambda it: it.group["lr"] > 0):
         geo = group.geo
         partials = group.partials(2)
         launch(_prodigy_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(6)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(slices), group.take(decay), group.take(s_coef), coeffs,
                ok_flag(batch), partials, X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"],
-               HAS_M=beta1 > 0, BLOCK=geo.block)
+               HAS_M=beta1 > 0, SLICED=group.variant, **group.tiling(warps=8))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts) if parts else torch.zeros((len(batch.items), 2), dtype=torch.float64,
                                                            device=batch.device)
@@ -111,4 +117,4 @@ def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: t
         launch(_prodigy_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(4)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), dlr, d_new, flag,
                X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"], HAS_M=hp["betas"][0] > 0,
-               BLOCK=geo.block, **rounding(batch, group))
+               **group.tiling(warps=4), **rounding(batch, group))

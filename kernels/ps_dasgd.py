@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
@@ -22,16 +22,16 @@ from .scaling import adam_scale, direction
 @triton.jit
 def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, started, partials,
                   X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(started) != 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     if SCALED:
-        v = tl.load(tl.load(v_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask, other=0.0)
+        v = tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
         vmax = v
         if AMSGRAD:
-            vmax = tl.load(tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC)) + offs, mask=mask, other=0.0)
+            vmax = tl.load(tensor_ptr(vmax_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
         _, _, alpha_sq, _ = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
     else:
         alpha_sq = tl.full([BLOCK], 1.0, ACC)
@@ -43,20 +43,20 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, numels, block_tensor, block_start,
                  c, decay_vec, dlr_ptr, averaging, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr,
                  SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
-                 SR: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
+                 SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    s_ptr = tl.load(s_ptrs + t).to(tl.pointer_type(ACC))
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
     if SCALED:
-        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
+        v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         vmax = v
         if AMSGRAD:
-            vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
+            vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
             vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
         v_new, vmax_new, alpha_sq, alpha_sq_prev = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
         tl.store(v_ptr + offs, v_new, mask=store)
@@ -67,7 +67,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
         alpha_sq_prev = alpha_sq
     m = tl.zeros([BLOCK], ACC)
     if HAS_M:
-        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+        m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     m_new, u = direction(g, m, alpha_sq, c, ACC, HAS_M)
     if HAS_M:
@@ -80,7 +80,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
     tl.store(partials + 3 * pid + 1, tl.sum(tl.where(mask, alpha_sq * s * s, 0.0), axis=0))
     tl.store(partials + 3 * pid + 2, tl.max(tl.where(mask, alpha_sq_prev / alpha_sq, 0.0), axis=0))
     if AVERAGING:
-        x0 = tl.load(tl.load(x0_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
+        x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         x = x * tl.load(averaging).to(ACC) + (x0 - s) * tl.load(averaging + 1).to(ACC)
     else:
         x = x - dlr * u
@@ -105,7 +105,7 @@ def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.T
         geo = group.geo
         partials = group.partials(2).zero_()  # left as zeros when the kernel returns at once
         launch(_start_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(4), geo.slot(5), geo.numels, geo.block_tensor,
-               geo.block_start, c, flag, partials, X=group.tl_dtype, ACC=group.acc, BLOCK=geo.block, **_flags(hp))
+               geo.block_start, c, flag, partials, X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **_flags(hp))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 
@@ -121,6 +121,6 @@ def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor
         launch(_step_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(decay), dlr, averaging, ok_flag(batch), partials,
                X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=hp["momentum"] > 0,
-               BLOCK=geo.block, **_flags(hp), **rounding(batch, group))
+               **group.tiling(warps=8), **_flags(hp), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials, max_columns=(2,))))
     return assemble(batch, parts)

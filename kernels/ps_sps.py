@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
@@ -34,11 +34,11 @@ def _load_scale(it_g, v_ptr, vmax_ptr, offs, mask, c, BLOCK: tl.constexpr, ACC: 
 
 @triton.jit
 def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, partials, X: tl.constexpr,
-                  ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr):
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask, other=0.0).to(ACC)
-    _, _, alpha_sq = _load_scale(g, tl.load(v_ptrs + t).to(tl.pointer_type(ACC)),
-                                 tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC)), offs, mask, c, BLOCK, ACC,
+                  ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+    _, _, alpha_sq = _load_scale(g, tensor_ptr(v_ptrs, t, ACC, ALIGNED),
+                                 tensor_ptr(vmax_ptrs, t, ACC, ALIGNED), offs, mask, c, BLOCK, ACC,
                                  SCALED, AMSGRAD)
     tl.store(partials + pid, tl.sum(g * g / alpha_sq, axis=0))
 
@@ -46,16 +46,16 @@ def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 @triton.jit
 def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, coef, decay_vec,
                   ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(ACC))
-    vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(ACC))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(ACC))
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
+    vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     v_new, vmax_new, alpha_sq = _load_scale(g, v_ptr, vmax_ptr, offs, mask, c, BLOCK, ACC, SCALED, AMSGRAD)
     if SCALED:
         tl.store(v_ptr + offs, v_new, mask=mask)
@@ -88,7 +88,7 @@ def pssps_stats(opt, batch, c: torch.Tensor) -> torch.Tensor:
         geo = group.geo
         partials = group.partials(1)
         launch(_stats_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(3), geo.slot(4), geo.numels, geo.block_tensor,
-               geo.block_start, c, partials, X=group.tl_dtype, ACC=group.acc, BLOCK=geo.block, **_flags(hp))
+               geo.block_start, c, partials, X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **_flags(hp))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 
@@ -100,4 +100,4 @@ def pssps_apply(opt, batch, c: torch.Tensor, coef: torch.Tensor) -> None:
         geo = group.geo
         launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(coef), group.take(decay), ok_flag(batch), X=group.tl_dtype,
-               ACC=group.acc, HAS_M=hp["betas"][0] > 0, BLOCK=geo.block, **_flags(hp), **rounding(batch, group))
+               ACC=group.acc, HAS_M=hp["betas"][0] > 0, **group.tiling(warps=4), **_flags(hp), **rounding(batch, group))

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements
+from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
 
@@ -20,18 +20,18 @@ from .common import dtype_groups, launch, ok_flag
 @triton.jit
 def _sgd_apply_kernel(x_ptrs, g_ptrs, best_ptrs, numels, block_tensor, block_start, coef, decay, ok, copy_best,
                       sr_seeds, X: tl.constexpr, ACC: tl.constexpr, HAS_DECAY: tl.constexpr, TRACK_BEST: tl.constexpr,
-                      SR: tl.constexpr, BLOCK: tl.constexpr):
+                      SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK)
-    x_ptr = tl.load(x_ptrs + t).to(tl.pointer_type(X))
+    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
+    x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    g = tl.load(tl.load(g_ptrs + t).to(tl.pointer_type(X)) + offs, mask=mask).to(ACC)
+    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     if HAS_DECAY:
         g = g + tl.load(decay + t).to(ACC) * x
     if TRACK_BEST:
         if tl.load(copy_best) != 0:
-            tl.store(tl.load(best_ptrs + t).to(tl.pointer_type(X)) + offs, x.to(X), mask=mask)
+            tl.store(tensor_ptr(best_ptrs, t, X, ALIGNED) + offs, x.to(X), mask=mask)
     tl.store(x_ptr + offs, to_param(x - tl.load(coef + t).to(ACC) * g, X, SR, sr_seeds, t, offs), mask=mask)
 
 
@@ -47,4 +47,4 @@ def sgd_apply(opt, batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
         launch(_sgd_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2) if track else geo.slot(0),
                geo.numels, geo.block_tensor, geo.block_start, group.take(coef),
                group.take(decay) if decay is not None else coef, ok_flag(batch), best_flag,
-               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, TRACK_BEST=track, BLOCK=geo.block, **rounding(batch, group))
+               X=group.tl_dtype, ACC=group.acc, HAS_DECAY=decay is not None, TRACK_BEST=track, **group.tiling(warps=4), **rounding(batch, group))

@@ -28,6 +28,9 @@ import prodigyopt
 class OptimizerInfo:
     cls: type
     kwargs: dict = field(default_factory=dict)  # what a generic construction needs (T, lr, max_norm, ...)
+    # options that change the compile-time constants of the method's kernels (on top of ``kwargs``): the
+    # ahead-of-time compile check (test_kernels_compile) compiles the kernels of each, in every dtype
+    kernel_variants: tuple = ({},)
 
     @property
     def name(self) -> str:
@@ -56,22 +59,33 @@ def require_backend(cls: type, backend: str) -> None:
 
 
 OPTIMIZERS = [
-    OptimizerInfo(lrfree.InexactPolyak, {"T": 100}),
-    OptimizerInfo(lrfree.PSSPS),
-    OptimizerInfo(lrfree.PSDASGD),
+    OptimizerInfo(lrfree.InexactPolyak, {"T": 100}, kernel_variants=({}, {"best_iterate": True})),
+    OptimizerInfo(lrfree.PSSPS, kernel_variants=({}, {"betas": (0.9, 0.999)}, {"amsgrad": True},
+                                                 {"scaling": "none"}, {"weight_decay": 0.1})),
+    OptimizerInfo(lrfree.PSDASGD, kernel_variants=({}, {"betas": (0.0, 0.999)}, {"amsgrad": True}, {"momentum": 0.9},
+                                                   {"scaling": "none"}, {"weight_decay": 0.1})),
     OptimizerInfo(lrfree.SPS),
     OptimizerInfo(lrfree.DecSPS),
     OptimizerInfo(lrfree.AdaSPS),
-    OptimizerInfo(lrfree.ClippedSGD, {"lr": 0.1, "max_norm": 1.0}),
-    OptimizerInfo(lrfree.DoG),
-    OptimizerInfo(lrfree.LDoG),
-    OptimizerInfo(lrfree.DAdaptSGD),
-    OptimizerInfo(lrfree.DAdaptAdam),
-    OptimizerInfo(lrfree.Prodigy),
+    OptimizerInfo(lrfree.ClippedSGD, {"lr": 0.1, "max_norm": 1.0}, kernel_variants=({}, {"momentum": 0.9})),
+    OptimizerInfo(lrfree.DoG, kernel_variants=({}, {"weight_decay": 0.1})),
+    OptimizerInfo(lrfree.LDoG, kernel_variants=({}, {"weight_decay": 0.1})),
+    OptimizerInfo(lrfree.DAdaptSGD, kernel_variants=({}, {"momentum": 0.9, "weight_decay": 0.1})),
+    OptimizerInfo(lrfree.DAdaptAdam, kernel_variants=({}, {"decouple": True, "weight_decay": 0.1})),
+    OptimizerInfo(lrfree.Prodigy, kernel_variants=({}, {"decouple": False}, {"betas": (0.0, 0.999)},
+                                                   {"slice_p": 11})),
     OptimizerInfo(lrfree.COCOB),
-    OptimizerInfo(lrfree.Adam),
-    OptimizerInfo(lrfree.AdamW),
+    OptimizerInfo(lrfree.Adam, kernel_variants=({}, {"amsgrad": True}, {"weight_decay": 0.1})),
+    OptimizerInfo(lrfree.AdamW, kernel_variants=({}, {"amsgrad": True})),
 ]
+# GLyDER's fused Adam direction: its estimators change which streams its kernels read
+GLYDER_VARIANTS = (
+    {"base": lrfree.Adam, "base_kwargs": {"lr": 1e-3}, "gradient": "batch", "curvature": "gnb"},
+    {"base": lrfree.AdamW, "base_kwargs": {"lr": 1e-3, "weight_decay": 0.1, "amsgrad": True}, "gradient": "split",
+     "curvature": "gnb"},
+    {"base": lrfree.Adam, "base_kwargs": {"lr": 1e-3, "weight_decay": 0.1}, "gradient": "batch",
+     "curvature": "constant", "smoothness": 10.0},
+)
 BY_NAME = {info.name: info for info in OPTIMIZERS}
 
 

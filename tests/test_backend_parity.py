@@ -77,7 +77,9 @@ STEPS = 4
 def make(name, dtype, backend):
     params = make_params(dtype, device=DEVICE)
     g = torch.Generator().manual_seed(5)
-    params["wide"] = (torch.randn(3, 1371, generator=g, dtype=torch.float64) * 0.1).to(DEVICE, dtype).requires_grad_()
+    # a tensor over several kernel blocks, with 16·k elements: its kernels take the 128-bit (ALIGNED) path,
+    # while the awkward model's odd sizes take the scalar one
+    params["wide"] = (torch.randn(3, 1376, generator=g, dtype=torch.float64) * 0.1).to(DEVICE, dtype).requires_grad_()
     groups = param_groups({k: v for k, v in params.items() if k != "wide"}, GROUP1.get(name.split("-")[0]))
     groups[1]["params"].append(params["wide"])
     return params, FUSED[name](groups, backend=backend)
@@ -170,7 +172,8 @@ def test_launches_do_not_grow_with_the_number_of_tensors(name, backend):
     require_backend(method(name), backend)
 
     def launches(n_tensors):
-        params = [torch.randn(37 + i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
+        # odd sizes (none a multiple of 16): one alignment class, so one launch per pass
+        params = [torch.randn(37 + 16 * i, device=DEVICE, requires_grad=True) for i in range(n_tensors)]
         opt = FUSED[name]([{"params": params}], backend=backend)
         counts = []
         for _ in range(2):

@@ -24,6 +24,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def launches_redirected() -> bool:
+    """True while the fused passes' launches go somewhere other than a GPU (``lrfree.kernels.aot`` records
+    them to compile them ahead of time): CPU tensors may then take the fused path."""
+    if triton_unavailable_reason() is not None:
+        return False
+    from lrfree.kernels.multi_tensor import kernel_target
+    return kernel_target.get() is not None
+
+
 def triton_unavailable_reason() -> str | None:
     try:
         import lrfree.kernels.multi_tensor  # noqa: F401  (imports triton)
@@ -70,7 +79,7 @@ def resolve_backend(name: str, owner: str, device: torch.device, kernels: str | 
         from . import cuda_ext
         if cuda_ext.prebuilt() is not None:
             return "cuda"
-    usable = device.type == "cuda" or interpreting()
+    usable = device.type == "cuda" or interpreting() or launches_redirected()
     if name == "auto":
         return "triton" if usable and device.type == "cuda" and triton_unavailable_reason() is None else "torch"
     reason = triton_unavailable_reason()
