@@ -1,8 +1,10 @@
 """Build and install lrfree.
 
 The Python package lives in ``python/lrfree`` and the Triton kernels in ``kernels/`` (installed as
-``lrfree.kernels``; Triton is a dependency on Linux). The optional CUDA extension in ``csrc/`` is
-compiled only when asked for with ``LRFREE_BUILD_CUDA=1`` and a CUDA toolkit is present.
+``lrfree.kernels``; Triton is a dependency on Linux). Supported: torch 2.11-2.13 and Triton 3.6-3.9, as
+``install_requires`` states; CI tests the Triton range at both ends (``.ci/run``, ``.ci/oldest-triton``).
+The optional CUDA extension in ``csrc/`` is compiled only when asked for with ``LRFREE_BUILD_CUDA=1`` and
+a CUDA toolkit is present.
 """
 
 import os
@@ -47,6 +49,14 @@ def extensions() -> dict:
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
 
+# nvcc without a CUDA toolkit, for tests/test_cuda_ext.py to compile csrc/cuda_launch.cu for sm_80 and sm_90
+# on any Linux machine (no GPU needed): NVIDIA's wheels, all from one release, CUDA 13.0 update 2 (its
+# runtime 13.0.96 is the one torch 2.11's CUDA wheel pins). Mixing releases fails: a newer cicc writes PTX
+# that an older ptxas refuses.
+NVCC = [f"{name}=={version}; platform_system == 'Linux'" for name, version in [
+    ("nvidia-cuda-nvcc", "13.0.88"), ("nvidia-cuda-crt", "13.0.88"), ("nvidia-nvvm", "13.0.88"),
+    ("nvidia-cuda-runtime", "13.0.96"), ("nvidia-cuda-cccl", "13.0.85")]]
+
 # the command line's experiments: progress bars, figures, and the bundled digits of `reproduce lrfree`
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "scikit-learn>=1.0"]
 
@@ -61,10 +71,10 @@ setup(
     package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels", "lrfree.csrc": "csrc"},
     packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.experiments", "lrfree.kernels", "lrfree.csrc"],
     package_data={"lrfree.csrc": ["*.cuh", "*.h", "*.cpp", "*.cu"]},
-    install_requires=["torch>=2.4", "numpy", "triton>=3.0; platform_system == 'Linux'"],
+    install_requires=["torch>=2.11,<2.14", "numpy", "triton>=3.6,<3.10; platform_system == 'Linux'"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *DEMO, "ninja", "pybind11",
-                 *REFERENCE_PACKAGES],
+                 *REFERENCE_PACKAGES, *NVCC],
         "demo": DEMO,
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,
                   "pytorch-optimizer==4.1.0"],

@@ -2,7 +2,9 @@
 arguments, and it says clearly how to get it when it is missing. Its numerics are tested with every other
 fused backend in test_backend_parity (through the host build when there is no GPU)."""
 
+import glob
 import importlib
+import importlib.util
 import inspect
 import os
 import shutil
@@ -52,16 +54,36 @@ def test_host_build_provides_the_same_kernels():
         ext.launch("nothing._kernel", 1, [], [], 0, 0, 0, -1)
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+def find_nvcc():
+    """nvcc on PATH (a CUDA toolkit), else the one the `test` extra installs from NVIDIA's wheels
+    (site-packages/nvidia/cu13/bin/nvcc; its nvcc.profile adds the runtime wheel's include directory, where
+    cuda_runtime.h is, and the cccl headers); None when there is neither."""
+    on_path = shutil.which("nvcc")
+    if on_path:
+        return on_path
+    spec = importlib.util.find_spec("nvidia")  # a namespace package shared by NVIDIA's wheels
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        for cuda in sorted(glob.glob(os.path.join(root, "cu[0-9]*")), reverse=True):
+            nvcc = os.path.join(cuda, "bin", "nvcc")
+            if os.access(nvcc, os.X_OK):
+                return nvcc
+    return None
+
+
+NVCC = find_nvcc()
+
+
+@pytest.mark.skipif(NVCC is None, reason="no nvcc: neither a CUDA toolkit on PATH nor the nvidia-cuda-nvcc "
+                                         "wheel of the `test` extra (pip install -e '.[test]')")
 def test_gpu_sources_compile(tmp_path):
     """nvcc compiles the GPU launch with every kernel instantiated, for the oldest and newest GPUs we
     target (no GPU is needed to compile)."""
     out = tmp_path / "cuda_launch.o"
-    cmd = ["nvcc", "-std=c++17", "-O3", "--fmad=false", "-Xcompiler", "-fPIC", "-Werror", "all-warnings",
+    cmd = [NVCC, "-std=c++17", "-O3", "--fmad=false", "-Xcompiler", "-fPIC", "-Werror", "all-warnings",
            "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
            "-c", os.path.join(CSRC, "cuda_launch.cu"), "-o", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, f"{NVCC} failed:\n{proc.stderr[-4000:]}"
     assert out.stat().st_size > 0
 
 
