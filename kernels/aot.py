@@ -4,7 +4,7 @@ Triton's CPU interpreter (how CI tests the kernels' math) never runs Triton's co
 that the interpreter runs may still fail to compile, spill, or leave an H100 idle for lack of resident
 warps. This module compiles kernels for a GPU architecture without a GPU (Triton ships ptxas):
 
-* :func:`record` runs optimizer steps on CPU tensors with every launch redirected to a recorder (the
+* :func:`recording` runs optimizer steps on CPU tensors with every launch redirected to a recorder (the
   ``multi_tensor.kernel_target`` seam); the host side of a step reads no device value, so the recorded
   launches are the real ones;
 * :func:`compile_launch` specializes a recorded launch with Triton's own binder — the code path of
@@ -20,6 +20,7 @@ is first imported. ``bench/kernels.py`` writes the table of ``bench/KERNELS.md``
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -65,31 +66,16 @@ class Recorder:
         self.launches.append(Launch(kernel, tuple(int(g) for g in grid), tuple(args), dict(kwargs)))
 
 
-def record(step: Callable[[], None]) -> list[Launch]:
-    """The launches ``step()`` makes (nothing runs)."""
+@contextlib.contextmanager
+def recording():
+    """A context in which every launch is recorded instead of run; yields the :class:`Recorder`.
+    Optimizers may be built on CPU tensors with ``backend="triton"`` inside it (nothing runs)."""
     recorder = Recorder()
     token = multi_tensor.kernel_target.set(recorder)
     try:
-        step()
+        yield recorder
     finally:
         multi_tensor.kernel_target.reset(token)
-    return recorder.launches
-
-
-def recording():
-    """A context in which launches are recorded (optimizers may be built on CPU tensors with
-    ``backend="triton"`` inside it); yields the recorder."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        recorder = Recorder()
-        token = multi_tensor.kernel_target.set(recorder)
-        try:
-            yield recorder
-        finally:
-            multi_tensor.kernel_target.reset(token)
-    return ctx()
 
 
 # ------------------------------------------------------------------------------------------ compiling
@@ -156,9 +142,23 @@ class Analysis:
     write_bytes: int = 0
     streams_read: int = 0
     streams_written: int = 0
-    access_bits: dict[int, int] = field(default_factory=dict)  # PTX global ld/st per access width
-    element_access_bits: list[int] = field(default_factory=list)  # widths of the element accesses
+    load_bits: dict[int, int] = field(default_factory=dict)  # PTX global loads per access width (bits)
+    store_bits: dict[int, int] = field(default_factory=dict)  # PTX global stores per access width
     int_divisions: int = 0  # 64-bit integer div/rem instructions in the PTX
+
+    @property
+    def vector_accesses(self) -> bool:
+        """Every element access is 128 bits wide: the PTX has as many 128-bit loads and stores as the
+        element streams need at 16 bytes per access (table and partial accesses are narrower)."""
+        if not self.elements_per_thread:
+            return False
+        need_ld = self.elements_per_thread * self.read_bytes // 16
+        need_st = self.elements_per_thread * self.write_bytes // 16
+        return self.load_bits.get(128, 0) >= need_ld and self.store_bits.get(128, 0) >= need_st
+
+    @property
+    def bytes_per_element(self) -> int:
+        return self.read_bytes + self.write_bytes
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
@@ -203,15 +203,15 @@ def analyze(compiled, launch: Launch, specializer: Specializer) -> Analysis:
     ctas = occupancy(registers, num_warps, shared)
     loads = _LOAD.findall(ttgir)
     stores = _STORE.findall(ttgir)
-    widths = Counter()
+    widths = {"ld": Counter(), "st": Counter()}
     for line in ptx.splitlines():
         m = _GLOBAL.match(line)
         if m:
-            widths[int(m.group(2) or 1) * int(m.group(3))] += 1
+            widths[m.group(1)][int(m.group(2) or 1) * int(m.group(3))] += 1
     constexprs = constexpr_names(launch, specializer)
     block = int(constexprs.get("BLOCK", 0))
     out = Analysis(launch.name, constexprs, specializer.arch, num_warps, registers, spills, shared, ctas,
-                   ctas * num_warps, access_bits=dict(widths),
+                   ctas * num_warps, load_bits=dict(widths["ld"]), store_bits=dict(widths["st"]),
                    int_divisions=len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)))
     if block and (loads or stores):
         out.elements_per_thread = block // (32 * num_warps)
@@ -219,19 +219,13 @@ def analyze(compiled, launch: Launch, specializer: Specializer) -> Analysis:
         out.write_bytes = sum(_BYTES[dt] for _, _, dt in stores)
         out.streams_read = len({p for p, _, _ in loads})
         out.streams_written = len({p for p, _, _ in stores})
-        out.element_access_bits = element_access_widths(ttgir)
     return out
 
 
-def element_access_widths(ttgir: str) -> list[int]:
-    """Bits per thread per access of each element load/store, from the TTGIR layouts (sizePerThread ×
-    element size, at most 128: what one instruction can move)."""
-    layouts = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[(\d+)\]", ttgir, re.M))
-    bits = []
-    for pattern in (_LOAD, _STORE):
-        for m in pattern.finditer(ttgir):
-            line = ttgir[m.start():ttgir.find("\n", m.start())]
-            layout = re.search(r"(#blocked\d*)>", line)
-            per_thread = int(layouts.get(layout.group(1), 1)) if layout else 1
-            bits.append(min(128, per_thread * _BYTES[m.group(3)] * 8))
-    return bits
+def from_dict(data: dict) -> Analysis:
+    """An Analysis from its JSON form (``dataclasses.asdict``; JSON turns the width keys into strings)."""
+    data = dict(data)
+    for key in ("load_bits", "store_bits"):
+        data[key] = {int(k): v for k, v in data.get(key, {}).items()}
+    return Analysis(**data)
+

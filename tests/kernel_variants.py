@@ -8,8 +8,8 @@ The variants are those the methods really launch: every optimizer of ``optimizer
 ``kernel_variants`` (and GLyDER's estimators), with fp32, bf16, fp16 and fp64 parameters, stochastic
 rounding, master weights and the non-finite guard on and off, stepped three times on CPU tensors whose
 launches are recorded instead of run (``lrfree.kernels.aot``). Each distinct specialization is compiled
-once per architecture. The JSON holds every compiled variant's analysis and, per scenario, the kernels
-of a steady-state step with their bytes per element; ``test_kernels_compile`` checks it and
+once per architecture. The JSON holds every compiled variant's analysis and, per scenario and architecture,
+the launches of each step as [variant id, grid]; ``test_kernels_compile`` checks it and
 ``bench/kernels.py`` renders it as ``bench/KERNELS.md``.
 """
 
@@ -133,7 +133,8 @@ def compile_all(runs: dict, archs: list[int], jobs: int = 2) -> dict:
             result["variants"][ids[key]] = analysis
         for (label, precision), steps in runs.items():
             entry = result["scenarios"].setdefault(f"{label}|{precision}", {"label": label, "precision": precision})
-            entry[f"sm{arch}"] = [[ids[aot.variant_key(launch, spec)] for launch in step] for step in steps]
+            entry[f"sm{arch}"] = [[[ids[aot.variant_key(launch, spec)], launch.grid[0]] for launch in step]
+                                  for step in steps]
     return result
 
 
