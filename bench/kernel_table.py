@@ -61,7 +61,8 @@ def render(compiled: dict) -> str:
             if entry is None:
                 continue
             step = [variants[vid] for vid, _ in entry["sm90"][-1] if vid in variants]
-            passes = [a for a in step if a.elements_per_thread and a.constexprs.get("ALIGNED") == "True"]
+            passes = [a for a in step if a.elements_per_thread and a.constexprs.get("ALIGNED") == "True"
+                      and not a.persistent]
             nbytes = sum(a.bytes_per_element for a in passes)
             minimal = roofline.minimal_bytes(method, param_bytes) if method in roofline.MINIMAL else "-"
             access = sorted({_access(a) for a in passes})

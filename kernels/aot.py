@@ -145,6 +145,9 @@ class Analysis:
     load_bits: dict[int, int] = field(default_factory=dict)  # PTX global loads per access width (bits)
     store_bits: dict[int, int] = field(default_factory=dict)  # PTX global stores per access width
     int_divisions: int = 0  # 64-bit integer div/rem instructions in the PTX
+    # a persistent launch gated by a device flag (kernels.common.until_known: it has a ``programs``
+    # argument): it streams its elements only until its statistic is known, nothing in the steady state
+    persistent: bool = False
 
     @property
     def vector_accesses(self) -> bool:
@@ -212,7 +215,8 @@ def analyze(compiled, launch: Launch, specializer: Specializer) -> Analysis:
     block = int(constexprs.get("BLOCK", 0))
     out = Analysis(launch.name, constexprs, specializer.arch, num_warps, registers, spills, shared, ctas,
                    ctas * num_warps, load_bits=dict(widths["ld"]), store_bits=dict(widths["st"]),
-                   int_divisions=len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)))
+                   int_divisions=len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)),
+                   persistent="programs" in launch.kernel.arg_names)
     if block and (loads or stores):
         out.elements_per_thread = block // (32 * num_warps)
         out.read_bytes = sum(_BYTES[dt] for _, _, dt in loads)
