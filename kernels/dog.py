@@ -1,5 +1,6 @@
-"""DoG / LDoG statistics pass: per tensor ‖g + λx‖² and ‖x − x0‖² (R 12: x, g, x0). The apply pass is
-the shared SGD one."""
+"""DoG / LDoG statistics pass: per tensor ‖g + λx‖² and ‖x − x0‖² (R 12: x, g, x0; nothing written). It is
+also the step's non-finite guard (its first column is non-finite whenever a gradient element is), so a
+step is this pass and the shared SGD apply pass (R 8, W 4): 24 B per element in fp32."""
 
 from __future__ import annotations
 

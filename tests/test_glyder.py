@@ -92,7 +92,7 @@ def test_gnb_estimate_converges_to_the_gauss_newton_curvature():
 
 
 def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradient="batch", dtype=F64, steps=4,
-              base=None, weight_decay=0.1):
+              base=None, weight_decay=0.1, skip_nonfinite=True):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
     if base is None:
@@ -101,11 +101,21 @@ def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradie
     else:
         base = base(model.parameters())
     opt = lrfree.GLyDER(base, lr=0.8, curvature=curvature, gradient=gradient, beta=0.5,
-                        smoothness=3.0 if curvature == "constant" else None)
+                        smoothness=3.0 if curvature == "constant" else None, skip_nonfinite=skip_nonfinite)
     data = torch.Generator().manual_seed(1)
     xb, yb = torch.randn(16, 5, generator=data).to(dtype), torch.randint(3, (16,), generator=data)
     labels = torch.Generator().manual_seed(3)
+
+    def closure():  # curvature="fd": the loss and gradients, again at the probe point
+        opt.zero_grad()
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        return loss
+
     for _ in range(steps):
+        if curvature == "fd":
+            opt.step(closure)
+            continue
         opt.zero_grad()
         logits = model(xb)
         if curvature == "gnb":
@@ -118,16 +128,23 @@ def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradie
     return [p.detach().clone() for p in model.parameters()], opt
 
 
+# skip_nonfinite=True (the default): pass A is the guard and writes nothing, pass B stores m and v; False, and
+# curvature="fd": pass A stores m and v (see GLyDER._pass_a_guards)
 ADAM_CASES = [dict(), dict(decoupled=False), dict(weight_decay=0.0), dict(decoupled=False, weight_decay=0.0),
               dict(amsgrad=True), dict(curvature="constant"),
-              dict(gradient="split"), dict(gradient="split", curvature="constant", decoupled=False)]
+              dict(gradient="split"), dict(gradient="split", curvature="constant", decoupled=False),
+              dict(skip_nonfinite=False), dict(skip_nonfinite=False, gradient="split", amsgrad=True, decoupled=False),
+              dict(curvature="fd"), dict(curvature="fd", amsgrad=True, decoupled=False)]
 
 
 @pytest.mark.parametrize("backend", ["triton"])
 @pytest.mark.parametrize("case", ADAM_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_fused_adam_direction_matches_the_reference(case, backend):
     require_backend(lrfree.Adam, backend)
-    for dtype, tol in ((F64, 1e-12), (torch.float32, 1e-5)):
+    # fp64 only for the finite difference: (⟨∇f(x + hd), d⟩ − ⟨∇f(x), d⟩)/h amplifies fp32 rounding by ~1/h,
+    # so two fp32 summation orders give curvatures (and steps) ~1e-3 apart
+    precisions = ((F64, 1e-12),) if case.get("curvature") == "fd" else ((F64, 1e-12), (torch.float32, 1e-5))
+    for dtype, tol in precisions:
         ref, ref_opt = _adam_run("torch", dtype=dtype, **case)
         fused, fused_opt = _adam_run(backend, dtype=dtype, **case)
         for a, b in zip(ref, fused):
@@ -176,6 +193,85 @@ def test_a_non_finite_estimate_skips_the_step_and_keeps_the_state():
     assert all(torch.equal(state[k], opt.state[model_params[0]][k]) for k in state)
     after = opt.scalars()
     assert float(after["skipped"]) == 1 and torch.equal(after["step_size"], scalars["step_size"])
+
+
+def _model_params(opt) -> list[torch.Tensor]:
+    return [p for g in opt.param_groups for p in g["params"]]
+
+
+def _linear_loss(params, coefficients) -> torch.Tensor:
+    """Σ ⟨p, c⟩: its gradient is exactly c."""
+    return sum((p * c).sum() for p, c in zip(params, coefficients))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", ["grad", "gnb", "probe"])
+def test_a_non_finite_gradient_skips_the_step_bit_for_bit(where, bad, backend):
+    """A non-finite element in the gradient, in ĝ or in the probe half's gradient skips the step: x, m, v,
+    v̂max and every step scalar bit-identical (fused: pass A, which writes nothing, is the guard)."""
+    _, opt = _adam_run(backend, gradient="split", amsgrad=True, dtype=torch.float32, steps=2)
+    params = _model_params(opt)
+    before = [p.detach().clone() for p in params]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+    scalars = {k: v for k, v in opt.scalars().items() if k != "skipped"}
+    gen = torch.Generator().manual_seed(9)
+    given = {name: [torch.randn(p.shape, generator=gen) for p in params] for name in ("grad", "gnb", "probe")}
+    given[where][-1].view(-1)[2] = bad
+    opt.zero_grad()
+    opt.set_gnb_gradient(given["gnb"], 16)
+    opt.split_backward(_linear_loss(params, given["probe"]), _linear_loss(params, given["grad"]))
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+    for p, saved in zip(params, state):
+        assert all(torch.equal(saved[k], opt.state[p][k]) for k in saved)
+    after = opt.scalars()
+    assert float(after["skipped"]) == 1
+    assert all(torch.equal(scalars[k], after[k]) for k in scalars)
+
+
+def _recorded_steps(options: dict, skip_nonfinite: bool, monkeypatch) -> list[list]:
+    """The launches of three fused steps on CPU tensors (recorded, nothing runs); torch._foreach_norm, which
+    the unfused guard uses for ĝ and the probe, must not run."""
+    from lrfree.kernels import aot
+
+    def no_foreach_norm(*args, **kwargs):
+        raise AssertionError("torch._foreach_norm called in a fused GLyDER step")
+
+    monkeypatch.setattr(torch, "_foreach_norm", no_foreach_norm)
+    gen = torch.Generator().manual_seed(0)
+    with aot.recording() as rec:
+        params = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (64 * 48, 4096)]
+        opt = lrfree.GLyDER(lrfree.AdamW(params, weight_decay=0.1, amsgrad=options.get("amsgrad", False),
+                                         backend="triton"), skip_nonfinite=skip_nonfinite,
+                            gradient=options.get("gradient", "batch"))
+        steps = []
+        for _ in range(3):
+            grad, probe, gnb = ([torch.randn(p.shape, generator=gen) for p in params] for _ in range(3))
+            opt.zero_grad()
+            opt.set_gnb_gradient(gnb, 8)
+            if opt.gradient == "split":
+                opt.split_backward(_linear_loss(params, probe), _linear_loss(params, grad))
+            else:
+                for p, g in zip(params, grad):
+                    p.grad = g
+            first = len(rec.launches)
+            opt.step()
+            steps.append(rec.launches[first:])
+    return steps
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False], ids=["guard", "noguard"])
+@pytest.mark.parametrize("options", [{}, {"gradient": "split", "amsgrad": True}], ids=["batch", "split-amsgrad"])
+def test_fused_steady_state_step_is_pass_a_and_pass_b(options, skip_nonfinite, monkeypatch):
+    """No Σg² pass and no foreach norm of ĝ: with the guard, pass A writes nothing and reduces the guard's
+    sums (GUARD) and pass B stores m and v (MOMENTS); without it, A stores them and B reads them."""
+    steady = _recorded_steps(options, skip_nonfinite, monkeypatch)[-1]
+    element = [launch for launch in steady if launch.name != "multi_tensor._segment_reduce_kernel"]
+    assert [launch.name for launch in element] == ["glyder._stats_kernel", "glyder._apply_kernel"]
+    stats, apply = element
+    assert stats.kwargs["GUARD"] is skip_nonfinite and apply.kwargs["MOMENTS"] is skip_nonfinite
+    assert apply.kwargs["AMSGRAD"] is options.get("amsgrad", False)
 
 
 @pytest.mark.parametrize("curvature", ["gnb", "constant"])

@@ -32,11 +32,13 @@ step is η = lr · max(N, 0) / Q (no step while Q ≤ 0: an estimate of negative
 information about how far to go). Everything is on the device, fp64; a step never synchronizes.
 
 Directions: with ``lrfree.Adam``/``AdamW`` as the base, d = m̂/(√v̂ + ε) (+ wd·x, AdamW) is formed in
-registers in one fused pass that also updates m and v and reduces ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩ and ⟨g, d⟩ per
-tensor; a second pass applies x ← x − lr·η·d. The base's own lr is not used. Any other optimizer (a torch
-optimizer, another lrfree method) takes its ordinary step and d = x_before − x_after is materialized (one
-extra parameter-sized buffer); the base's lr then only sets the scale of d, which η divides out, and the
-gradient in ⟨a, d⟩ is ``p.grad`` (a base's own L2 weight decay is not part of it).
+registers in one fused pass (A) that reduces ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩ and ⟨g, d⟩ per tensor; a second pass (B)
+applies x ← x − lr·η·d. With the non-finite guard on, A writes nothing and its Σg², Σĝ², Σa² are the guard,
+and B stores the new m and v with x; otherwise A stores m and v (see ``lrfree.kernels.glyder``). The
+base's own lr is not used. Any other optimizer (a torch optimizer, another lrfree method) takes its
+ordinary step and d = x_before − x_after is materialized (one extra parameter-sized buffer); the base's lr
+then only sets the scale of d, which η divides out, and the gradient in ⟨a, d⟩ is ``p.grad`` (a base's own
+L2 weight decay is not part of it).
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ __all__ = ["GLyDER", "sampled_label_gradient"]
 
 GRADIENTS = ("batch", "split")
 CURVATURES = ("gnb", "fd", "constant")
-# columns of the per-tensor statistics: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩
-NUMERATOR, DIR_SQ, GNB, GRAD_DOT = range(4)
+# columns of the per-tensor statistics: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩; when the fused pass A is the non-finite
+# guard (GLyDER._pass_a_guards) also Σg², Σĝ², Σa² (the latter two 0 without ĝ or a)
+NUMERATOR, DIR_SQ, GNB, GRAD_DOT, GRAD_SQ, GNB_SQ, PROBE_SQ = range(7)
 
 
 def sampled_label_gradient(logits: torch.Tensor, params: list[torch.Tensor],
@@ -123,7 +126,6 @@ class GLyDER(FusedOptimizer):
         self._probe: dict[torch.Tensor, torch.Tensor] = {}  # the other half's gradient ("split")
         self._gnb: dict[torch.Tensor, torch.Tensor] = {}  # ĝ of sampled labels ("gnb")
         self._gnb_examples = 0
-        self._extra_witness: list[torch.Tensor] = []
         groups = [{**{k: v for k, v in g.items() if k != "lr"}, "params": list(g["params"]), "lr": lr}
                   for g in base.param_groups]
         if backend is None:
@@ -162,9 +164,7 @@ class GLyDER(FusedOptimizer):
         if len(grads) != len(params) or any(g.shape != p.shape for g, p in zip(grads, params)):
             raise ValueError(f"{type(self).__name__}.{where}: expected one gradient per trainable parameter "
                              f"({len(params)}), shaped like it")
-        # the step's non-finite guard covers these too: their squared norms, taken now in one foreach op
-        self._extra_witness.append(torch.stack(torch._foreach_norm(grads)).double().square().sum())
-        return dict(zip(params, grads))
+        return dict(zip(params, grads))  # the step's non-finite guard covers them too (_finite_witness)
 
     # ------------------------------------------------------------------ state
     def init_state(self, p, group):
@@ -200,10 +200,26 @@ class GLyDER(FusedOptimizer):
             return super().step(loss=loss)
         finally:
             self._closure = None
-            self._gnb, self._probe, self._extra_witness = {}, {}, []
+            self._gnb, self._probe = {}, {}
+
+    @property
+    def _pass_a_guards(self) -> bool:
+        """The structure of the fused Adam-direction step: True when pass A commits nothing and is the
+        non-finite guard (its Σg², Σĝ², Σa² columns), pass B then forming and storing m and v — one pass over
+        the gradients fewer than a separate guard, for 4 B/element more in B (g read again). False without the
+        guard (A stores m and v, B reads them: the minimal traffic), on the torch reference (its stats pass
+        stores m and v after a guard of its own), and for curvature="fd", whose closure overwrites the
+        gradients before B could read them."""
+        return (self.adam_direction and self.skip_nonfinite and self.curvature != "fd"
+                and self._backend in ("triton", "cuda"))
 
     def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
-        return batch.total(self._extra_witness, batch.local_grad_sq.sum())
+        if self._pass_a_guards:
+            return self._adam_stats(batch)[2][:, GRAD_SQ:].sum()
+        # Σg² and the squared norms of the extra gradients (ĝ, the probe half's), one foreach op each
+        extra = [torch.stack(torch._foreach_norm(list(buf.values()))).double().square().sum()
+                 for buf in (self._gnb, self._probe) if buf]
+        return batch.total(extra, batch.local_grad_sq.sum())
 
     def _update(self, batch: StepBatch) -> None:
         if self.adam_direction:
@@ -277,11 +293,20 @@ class GLyDER(FusedOptimizer):
         return torch.stack([R.dot(a, d), R.sumsq(d), gnb, R.dot(g, d)])
 
     # -- fused Adam direction ---------------------------------------------------------------------------
+    def _adam_stats(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(item index, Adam step t, per-tensor statistics over this rank's elements) of pass A, once per
+        step: run by the guard when pass A is the guard, else by the update."""
+        cached = batch.__dict__.get("_glyder_stats")
+        if cached is None:
+            index = batch.index(it.flat_index for it in batch.items)
+            step = self.S["step"].index_select(0, index) + 1
+            # pass A: per tensor ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩ with m, v and d formed in registers
+            stats = self._pass("glyder_adam_stats")(batch, step, self._probe or None, self._gnb or None)
+            cached = batch._glyder_stats = (index, step, stats)
+        return cached
+
     def _adam_update(self, batch: StepBatch) -> None:
-        index = batch.index(it.flat_index for it in batch.items)
-        step = self.S["step"].index_select(0, index) + 1
-        # pass A: m, v updated; per tensor ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩ with d formed in registers
-        stats = self._pass("glyder_adam_stats")(batch, step, self._probe or None, self._gnb or None)
+        index, step, stats = self._adam_stats(batch)
         stats, = batch.sync(batch.reduce_rows(stats))
         curvature = None
         if self.curvature == "fd":
@@ -291,7 +316,7 @@ class GLyDER(FusedOptimizer):
                                               stats[GRAD_DOT])
             torch._foreach_copy_(params, origin)
         new = self._rule(stats, curvature)
-        # pass B: x ← x − lr η d, d recomputed from the new m and v
+        # pass B: x ← x − lr η d, d recomputed from the new m and v (and m, v stored when A is the guard)
         self._pass("glyder_adam_apply")(batch, step, batch.per_item("lr") * new["step_size"])
         self._set_at("step", index, step, batch.ok)
         self._commit_rule(new, batch.ok)

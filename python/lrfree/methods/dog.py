@@ -11,11 +11,15 @@ where g already includes coupled weight decay λx. ``lr`` (the paper's c) should
 to be used with polynomial iterate averaging (the official ``PolynomialDecayAverager``).
 
 Pipeline: a stats pass reduces ‖g + λx‖² and ‖x − x_0‖² per tensor, the rule runs on the vector of
-segments, and the SGD apply pass uses each tensor's segment step. Differences from the reference, all
-where it would crash or sync: tensors whose gradient is None are skipped (the reference raises); they
-still count in ‖x_0‖ and ‖x_t − x_0‖ of their group, exactly as the reference does with a zero
-gradient. The weight decay is not written back into ``p.grad``. Each segment counts its own t, so
-groups added with ``add_param_group`` later start their own schedule.
+segments, and the SGD apply pass uses each tensor's segment step. The stats pass writes nothing and reads
+every gradient, so it is also the non-finite guard (``_finite_witness``): a step costs these two passes.
+‖x − x_0‖ is reduced from the x of this step, not carried over from the previous step's update pass
+(which would save reading x once but is wrong whenever the parameters change between steps).
+
+Differences from the reference, all where it would crash or sync: tensors whose gradient is None are
+skipped (the reference raises); they still count in ‖x_0‖ and ‖x_t − x_0‖ of their group, exactly as the
+reference does with a zero gradient. The weight decay is not written back into ``p.grad``. Each segment
+counts its own t, so groups added with ``add_param_group`` later start their own schedule.
 """
 
 from __future__ import annotations
@@ -98,10 +102,23 @@ class DoG(FusedOptimizer):
                                      else R.sumsq(local(q)) for q in members))
         return segments, torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=batch.device)
 
+    def _stats(self, batch: StepBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(per-item weight decay or None, (items, 2) ‖g + λx‖², ‖x − x0‖² over this rank's elements): the
+        stats pass, once per step (it writes nothing)."""
+        cached = batch.__dict__.get("_dog_stats")
+        if cached is None:
+            decay = batch.per_item("weight_decay") if any(it.group["weight_decay"] for it in batch.items) else None
+            cached = batch._dog_stats = (decay, self._pass("dog_stats")(batch, decay))
+        return cached
+
+    def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
+        # Σ‖g + λx‖² is non-finite whenever a gradient element is (x finite; or when a square overflows the
+        # precision of the stats, as Σg²'s would), so the stats pass doubles as the guard
+        return self._stats(batch)[1][:, 0].sum()
+
     def _update(self, batch: StepBatch) -> None:
         anchored, anchor_sq = self._new_anchors(batch)
-        decay = batch.per_item("weight_decay") if any(it.group["weight_decay"] for it in batch.items) else None
-        stats = self._pass("dog_stats")(batch, decay)  # (items, 2): ‖g + λx‖², ‖x − x0‖²
+        decay, stats = self._stats(batch)  # (items, 2): ‖g + λx‖², ‖x − x0‖²
         # segments of the step, in item order (items come group by group, so a segment is contiguous)
         segments, bounds = [], []
         for i, it in enumerate(batch.items):
