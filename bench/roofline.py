@@ -68,7 +68,7 @@ FUSED: dict[str, Traffic] = {
     "Adam": Traffic(32, 2, 2, 2, "guard pass"),
     "AdamW": Traffic(32, 2, 2, 2, "guard pass"),
     "PSSPS": Traffic(28, 2, 2, 2, "the stats pass is also the guard"),
-    "PSDASGD": Traffic(40, 2, 2, 2, "guard pass; the start pass returns at once after step 0"),
+    "PSDASGD": Traffic(40, 2, 2, 2, "guard pass; the start pass streams only until n0 is known"),
     "GLyDER": Traffic(44, 2, 3, 2, "pass A is the guard (Σg², Σĝ²) and writes nothing; pass B reads g again and "
                                    "stores m, v with x"),
 }

@@ -1,6 +1,7 @@
 // Name → kernel dispatch shared by the GPU and host builds. Python passes a kernel's arguments in
-// the order of its Triton twin: every tensor as its data pointer, every flag as an integer
-// (lrfree/backends/cuda_ext.py builds the lists), plus the storage dtype and the block size.
+// the order of its Triton twin: every tensor as its data pointer (P), every int argument as its int64
+// value (I), every compile-time flag as an integer (lrfree/backends/cuda_ext.py builds the lists), plus the
+// storage dtype and the block size.
 #pragma once
 
 #include <cstdint>
@@ -68,6 +69,11 @@ void dispatch(const std::string& name, int64_t grid, const std::vector<int64_t>&
     if (i >= p.size()) throw std::invalid_argument("lrfree extension: too few arguments for " + name);
     return AnyPtr{p[i]};
   };
+  // an integer argument (a Python int: the launcher passes it as its int64 value)
+  auto I = [&](size_t i) {
+    if (i >= p.size()) throw std::invalid_argument("lrfree extension: too few arguments for " + name);
+    return p[i];
+  };
   auto K = [&](size_t i) { return i < k.size() ? k[i] : int64_t(0); };
 #define LRF_RUN(BODY, ...)                                                    \
   with_dtype(dtype, [&](auto tag) {                                           \
@@ -98,7 +104,7 @@ void dispatch(const std::string& name, int64_t grid, const std::vector<int64_t>&
   } else if (name == "prodigy._prodigy_apply_kernel") {
     LRF_RUN(ProdigyApplyBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11));
   } else if (name == "ps_dasgd._start_kernel") {
-    LRF_RUN(PsdasgdStartBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8));
+    LRF_RUN(PsdasgdStartBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), I(9), I(10));
   } else if (name == "ps_dasgd._step_kernel") {
     LRF_RUN(PsdasgdStepBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11), P(12), P(13),
             P(14), P(15));

@@ -97,15 +97,21 @@ struct Span {
   int64_t t, begin, end;
 };
 
-template <class Ctx>
-LRF_HD Span span_of(const Ctx& ctx, const int64_t* numels, const int32_t* block_tensor, const int64_t* block_start,
-                    int64_t block) {
+// The elements of block `b` of the geometry (a persistent program loops over several blocks).
+LRF_HD Span block_span(int64_t b, const int64_t* numels, const int32_t* block_tensor, const int64_t* block_start,
+                       int64_t block) {
   Span s;
-  s.t = block_tensor[ctx.pid];
-  s.begin = block_start[ctx.pid];
+  s.t = block_tensor[b];
+  s.begin = block_start[b];
   int64_t n = numels[s.t];
   s.end = s.begin + block < n ? s.begin + block : n;
   return s;
+}
+
+template <class Ctx>
+LRF_HD Span span_of(const Ctx& ctx, const int64_t* numels, const int32_t* block_tensor, const int64_t* block_start,
+                    int64_t block) {
+  return block_span(ctx.pid, numels, block_tensor, block_start, block);
 }
 
 // Column `col` of this program's row of a (programs, k) partials buffer; `value` must come from a
@@ -351,27 +357,35 @@ LRF_HD void prodigy_apply(Ctx& ctx, const ProdigyApplyArgs& a, int64_t block, bo
 
 struct PsdasgdStartArgs {
   const int64_t* g; const int64_t* v; const int64_t* vmax; const int64_t* numels; const int32_t* bt;
-  const int64_t* bs; const double* c; const int32_t* started; void* partials;
+  const int64_t* bs; const double* c; const int32_t* started; double* partials; int64_t n_blocks; int64_t programs;
 };
 
+// Persistent (kernels/common.py until_known): program pid sums blocks pid, pid + programs, ... while n0 is
+// not known, each block's sums in A as a full-grid program forms them, the program's totals in fp64; its
+// row is zeros once `started` is set.
 template <typename X, class Ctx>
 LRF_HD void psdasgd_start(Ctx& ctx, const PsdasgdStartArgs& a, int64_t block, bool scaled, bool amsgrad) {
   using A = typename Acc<X>::type;
-  if (*a.started != 0) return;  // the partials were zeroed by the caller
-  Span sp = span_of(ctx, a.numels, a.bt, a.bs, block);
-  const X* g = slot_ptr<const X>(a.g, sp.t);
-  const A* v = slot_ptr<const A>(a.v, sp.t);
-  const A* vmax = slot_ptr<const A>(a.vmax, sp.t);
-  A ratio = 0, alpha_sum = 0;
-  LRF_FOR(ctx, sp, i) {
-    A gi = load<X, A>(g, i);
-    A alpha_sq = A(1);
-    if (scaled) alpha_sq = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad).alpha_sq;
-    ratio += gi * gi / alpha_sq;
-    alpha_sum += alpha_sq;
+  double ratio_total = 0, alpha_total = 0;
+  const int64_t end = *a.started != 0 ? 0 : a.n_blocks;
+  for (int64_t b = ctx.pid; b < end; b += a.programs) {
+    Span sp = block_span(b, a.numels, a.bt, a.bs, block);
+    const X* g = slot_ptr<const X>(a.g, sp.t);
+    const A* v = slot_ptr<const A>(a.v, sp.t);
+    const A* vmax = slot_ptr<const A>(a.vmax, sp.t);
+    A ratio = 0, alpha_sum = 0;
+    LRF_FOR(ctx, sp, i) {
+      A gi = load<X, A>(g, i);
+      A alpha_sq = A(1);
+      if (scaled) alpha_sq = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad).alpha_sq;
+      ratio += gi * gi / alpha_sq;
+      alpha_sum += alpha_sq;
+    }
+    ratio_total += double(ctx.sum(ratio));  // meaningful in the leader, which stores the row
+    alpha_total += double(ctx.sum(alpha_sum));
   }
-  store_partial(ctx, a.partials, 2, 0, ctx.sum(ratio));
-  store_partial(ctx, a.partials, 2, 1, ctx.sum(alpha_sum));
+  store_partial(ctx, a.partials, 2, 0, ratio_total);
+  store_partial(ctx, a.partials, 2, 1, alpha_total);
 }
 
 struct PsdasgdStepArgs {

@@ -1,5 +1,6 @@
-"""What every fused method uses: launching over dtype groups, and the Σg² pass (the non-finite guard,
-and the statistic of the Polyak family, DoG and D-Adapt SGD).
+"""What every fused method uses: launching over dtype groups, the Σg² pass (the non-finite guard,
+and the statistic of the Polyak family, DoG and D-Adapt SGD), and statistics needed only until a device
+flag says they are known (``until_known``: PS-DA-SGD's start pass, D-Adapt SGD's ‖g0‖ without the guard).
 
 A step's tensors are split by parameter dtype (each dtype is a compile-time specialization); a model
 with one parameter dtype — the usual case — gets exactly one launch per pass.
@@ -7,13 +8,15 @@ with one parameter dtype — the usual case — gets exactly one launch per pass
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import Geometry, TL_DTYPE, aligned, geometry, launch, per_tensor, program_elements, tensor_ptr
+from .multi_tensor import (REDUCE_LANES, Geometry, TL_DTYPE, _segment_reduce_kernel, aligned, block_elements, geometry,
+                           launch, per_tensor, program_elements, tensor_ptr)
 
 F64 = torch.float64
 MAX_WARPS = 16  # 4 elements per thread at BLOCK = 2048
@@ -134,3 +137,84 @@ def grad_sq(batch) -> torch.Tensor:
                partials, G=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)[:, 0]
+
+
+# -------------------------------------------------------------------------- statistics until known
+# A statistic a method needs only until a device flag says it is known (PS-DA-SGD's n0 and rms(α0), D-Adapt
+# SGD's ‖g0‖ without the guard) cannot be skipped by the host without a sync. It runs as a small
+# persistent launch instead of a full grid: min(blocks, PERSISTENT_PROGRAMS) programs, program p taking
+# blocks p, p + P, p + 2P, ... (a fixed assignment) while the flag is 0 and none once it is set. 1024
+# programs of 4 warps fill an H100 (132 SMs) in one wave at ~8 programs (31 warps) per SM, above the 16
+# resident warps a stream needs, and an A100 (108 SMs) alike; once the flag is set the launch is 1024
+# flag loads and row stores, and its reduction one program over 1024 rows.
+PERSISTENT_PROGRAMS = 1024
+
+
+@triton.jit
+def until_known_end(known, n_blocks):
+    """The end of a persistent program's block loop (blocks program_id, + programs, ... below it): every
+    block while the int32 flag ``*known`` is 0, none once it is set (the program then writes a row of
+    zeros). The loop is a ``while``: Triton 3.6's interpreter takes no run-time ``range`` bounds."""
+    return tl.where(tl.load(known) != 0, 0, n_blocks)
+
+
+def persistent_programs(geo: Geometry) -> int:
+    """Programs of a persistent launch over ``geo``: one per block up to PERSISTENT_PROGRAMS (at least one,
+    so that a group without elements still writes its row)."""
+    return max(1, min(geo.n_blocks, PERSISTENT_PROGRAMS))
+
+
+def is_until_known(kernel) -> bool:
+    """True for a kernel launched by :func:`until_known` (its last arguments are ``n_blocks, programs``):
+    it streams its tensors only until its flag is set, so a steady-state step's traffic leaves it out."""
+    names = [n for n in inspect.signature(getattr(kernel, "fn", kernel)).parameters if not n.isupper()]
+    return names[-2:] == ["n_blocks", "programs"]
+
+
+def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, args: Callable, warps: int,
+                **flags) -> torch.Tensor:
+    """(1, k) fp64: the sums over the batch's elements of a statistic needed only until the 0-d device
+    flag ``known`` is true, and zeros once it is (the caller must then not use them).
+
+    ``kernel`` is a persistent kernel ``kernel(*args(group), known, rows, n_blocks, programs, X, ACC,
+    BLOCK, ALIGNED, **flags)`` whose program ``pid`` loops over blocks pid, pid + programs, ... below
+    ``until_known_end(known, n_blocks)`` (``multi_tensor.block_elements``) and writes its k fp64 sums to row
+    ``pid`` of ``rows``; ``slots(item)`` lists the tensors it streams (the dtype groups). Every dtype group writes its
+    own rows of one buffer, and one reduction adds them all in a fixed order."""
+    flag = known.to(torch.int32)
+    groups = dtype_groups(batch, slots)
+    programs = [persistent_programs(group.geo) for group in groups]
+    total = sum(programs)
+    rows = torch.empty((total, k), dtype=F64, device=batch.device)
+    offset = 0
+    for group, n in zip(groups, programs):
+        launch(kernel, (n,), *args(group), flag, rows[offset:offset + n], group.geo.n_blocks, n,
+               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=warps), **flags)
+        offset += n
+    out = torch.empty((1, k), dtype=F64, device=batch.device)
+    bounds = batch.optimizer._coefficient_vector((0, total), torch.int32)
+    launch(_segment_reduce_kernel, (1,), rows, bounds, out, K=k, MAX_MASK=0, CHUNK=REDUCE_LANES)
+    return out
+
+
+@triton.jit(do_not_specialize=["n_blocks", "programs"])
+def _sumsq_until_kernel(g_ptrs, numels, block_tensor, block_start, known, rows, n_blocks, programs,
+                        X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    pid = tl.program_id(0)
+    total = tl.zeros((), tl.float64)
+    end = until_known_end(known, n_blocks)
+    b = pid
+    while b < end:
+        t, offs, mask = block_elements(b, numels, block_tensor, block_start, BLOCK, ALIGNED)
+        g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+        total += tl.sum(g * g, axis=0).to(tl.float64)  # the block's sum, as the Σg² pass forms it
+        b += programs
+    tl.store(rows + pid, total)
+
+
+def grad_sq_until(batch, known: torch.Tensor) -> torch.Tensor:
+    """(1,) fp64 Σg² over the batch's local elements while the device flag ``known`` is false (0 after),
+    in a small persistent launch (see ``until_known``)."""
+    return until_known(batch, known, _sumsq_until_kernel, 1, lambda it: (it.g,),
+                       lambda group: (group.geo.slot(0), group.geo.numels, group.geo.block_tensor,
+                                      group.geo.block_start), warps=4)[:, 0]

@@ -179,14 +179,22 @@ def program_elements(numels, block_tensor, block_start, BLOCK: tl.constexpr, ALI
     through the geometry's block map (64-bit offsets). Every element-wise kernel starts here. Under
     ``ALIGNED`` the mask is constant over runs of 16 elements, so it predicates whole 128-bit vectors."""
     pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    t, offs, mask = block_elements(pid, numels, block_tensor, block_start, BLOCK, ALIGNED)
+    return pid, t, offs, mask
+
+
+@triton.jit
+def block_elements(b, numels, block_tensor, block_start, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """(tensor, offsets, mask) of block ``b`` of the geometry: what ``program_elements`` gives program
+    ``b``, for kernels whose programs loop over several blocks (``common.until_known``)."""
+    t = tl.load(block_tensor + b)
+    start = tl.load(block_start + b)
     n = tl.load(numels + t)
     if ALIGNED:
         start = tl.multiple_of(start, BLOCK)
         n = tl.multiple_of(n, 16)
     offs = start + tl.arange(0, BLOCK)
-    return pid, t, offs, offs < n
+    return t, offs, offs < n
 
 
 @triton.jit

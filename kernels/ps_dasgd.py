@@ -1,7 +1,8 @@
 """PS-DA-SGD (methods/ps_dasgd.py) as fused passes.
 
-Start pass (until the device says n0 is known; afterwards each program returns at once):
-    Σ g²/α²  and  Σ α²  per tensor (α from this step's v, computed in registers, nothing written)
+Start pass (common.until_known: a persistent launch of at most 1024 programs that streams g and v only
+until the device says n0 is known, and writes zeros after):
+    Σ g²/α²  and  Σ α²  over all elements (α from this step's v, computed in registers, nothing written)
 Step pass, one per step (R 20: g, x, v, m, s; W 16: v, m, s, x):
     α², α²_prev;  u = m̂/α² (+ wd x);  ⟨g, s_old⟩;  s ← s + λ u;  Σ α² s²;  max α²_prev/α²
     x ← x − λ u     (or μ x + (1 − μ)(x0 − s) with primal averaging)
@@ -13,30 +14,40 @@ import torch
 import triton
 import triton.language as tl
 
-from .multi_tensor import program_elements, tensor_ptr
+from .multi_tensor import block_elements, program_elements, tensor_ptr
 from .rounding import rounding, to_param
-from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials, until_known, until_known_end
 from .scaling import adam_scale, direction
 
 
-@triton.jit
-def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, started, partials,
-                  X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
+@triton.jit(do_not_specialize=["n_blocks", "programs"])
+def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, started, partials, n_blocks,
+                  programs, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    if tl.load(started) != 0:
-        return
-    pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
-    g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
-    if SCALED:
-        v = tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
-        vmax = v
-        if AMSGRAD:
-            vmax = tl.load(tensor_ptr(vmax_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
-        _, _, alpha_sq, _ = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
-    else:
-        alpha_sq = tl.full([BLOCK], 1.0, ACC)
-    tl.store(partials + 2 * pid, tl.sum(g * g / alpha_sq, axis=0))
-    tl.store(partials + 2 * pid + 1, tl.sum(tl.where(mask, alpha_sq, 0.0), axis=0))
+    """Persistent (common.until_known): program pid sums blocks pid, pid + programs, ... while n0 is not
+    known, and writes its row of fp64 sums (zeros once ``started``)."""
+    pid = tl.program_id(0)
+    ratio = tl.zeros((), tl.float64)
+    alpha = tl.zeros((), tl.float64)
+    end = until_known_end(started, n_blocks)
+    b = pid
+    while b < end:
+        t, offs, mask = block_elements(b, numels, block_tensor, block_start, BLOCK, ALIGNED)
+        g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
+        if SCALED:
+            v = tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
+            vmax = v
+            if AMSGRAD:
+                vmax = tl.load(tensor_ptr(vmax_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
+            _, _, alpha_sq, _ = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
+        else:
+            alpha_sq = tl.full([BLOCK], 1.0, ACC)
+        # the block's sums in ACC, as one program of a full grid forms them; the program's total in fp64
+        ratio += tl.sum(g * g / alpha_sq, axis=0).to(tl.float64)
+        alpha += tl.sum(tl.where(mask, alpha_sq, 0.0), axis=0).to(tl.float64)
+        b += programs
+    tl.store(partials + 2 * pid, ratio)
+    tl.store(partials + 2 * pid + 1, alpha)
 
 
 @triton.jit
@@ -98,16 +109,12 @@ def _flags(hp):
 
 
 def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
+    """(1, 2) fp64: Σ g²/α² and Σ α² over the batch's elements until n0 is known (``started``), zeros after."""
     hp = opt.rule_group()
-    flag = started.to(torch.int32)
-    parts = []
-    for group in dtype_groups(batch, lambda it: _state_slots(it, hp)):
-        geo = group.geo
-        partials = group.partials(2).zero_()  # left as zeros when the kernel returns at once
-        launch(_start_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(4), geo.slot(5), geo.numels, geo.block_tensor,
-               geo.block_start, c, flag, partials, X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **_flags(hp))
-        parts.append((group, reduce_partials(group, partials)))
-    return assemble(batch, parts)
+    return until_known(batch, started, _start_kernel, 2, lambda it: _state_slots(it, hp),
+                       lambda group: (group.geo.slot(1), group.geo.slot(4), group.geo.slot(5), group.geo.numels,
+                                      group.geo.block_tensor, group.geo.block_start, c),
+                       warps=4, **_flags(hp))
 
 
 def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ class DAdaptSGD(DAdaptBase):
         hp = self.rule_group()
         lr = self._shared_lr()
         adapting = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])
-        g0_norm, dlr = self._step_size(lr, adapting.reduce(adapting.grad_sq))
+        # Σg² only until ‖g0‖ is known: from the guard's pass, or a small launch that stops streaming then
+        g0_norm, dlr = self._step_size(lr, adapting.grad_sq_until(self.S["g0_norm"] > 0))
         S, ok = self.S, batch.ok
         # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s and x updated
         stats, = batch.sync(self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"]))

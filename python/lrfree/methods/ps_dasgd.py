@@ -112,8 +112,8 @@ class PSDASGD(DAdaptBase):
         if not sub.items:
             return
         coefficients = scale_coefficients(hp, t)
-        # n_0 and rms(α_0) come from the first step with a non-zero gradient (the fused pass returns at
-        # once after that)
+        # n_0 and rms(α_0) come from the first step with a non-zero gradient (fused: a small persistent
+        # launch that streams nothing after that, and gives the global sums as one (1, 2) row)
         start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0)
         n_elements = torch.full((), float(sum(it.p.numel() for it in sub.items)), dtype=torch.float64,
                                 device=batch.device)
