@@ -214,11 +214,15 @@ class SpeedupTarget(Target):
 
 @dataclass(frozen=True)
 class RooflineTarget(Target):
-    percent: float = 90.0
+    percent: float = 95.0
 
     def check(self, run):
+        """Against the bytes the step is built to move: the minimal bytes, plus the non-finite guard's pass
+        where the run has it on (roofline.FUSED, the row's implemented bytes)."""
         rows = [r for r in run.rows_of(self.workload) if r.family == "lrfree" and r.backend == "triton"]
-        percents = [run.percent_of_roofline(r) for r in rows]
+        bandwidth = run.copy_bandwidth(self.workload)
+        percents = [None if bandwidth is None else roofline.percent_of_roofline(
+            r.implemented_bytes or r.bytes_per_element, r.numel, r.median, bandwidth) for r in rows]
         if not rows or None in percents:
             return None
         worst = min(zip(percents, rows), key=lambda x: x[0])
@@ -241,7 +245,7 @@ BIG, SMALL = "llama-738M-float32", "gpt2-124M-float32"
 TRITON_METHODS = ("InexactPolyak", "SPS", "DecSPS", "AdaSPS", "ClippedSGD", "DoG", "LDoG", "DAdaptSGD", "DAdaptAdam",
                   "Prodigy", "COCOB", "Adam", "AdamW", "PSSPS", "PSDASGD")
 TARGETS = [
-    RooflineTarget("every lrfree method (triton) ≥ 90% of its minimal-bytes roofline", BIG),
+    RooflineTarget("every lrfree method (triton) ≥ 95% of its roofline (minimal bytes, + the guard pass's)", BIG),
     RatioTarget("lrfree AdamW (triton) faster than torch fused AdamW", BIG, ("lrfree.AdamW[triton]",), 1.0),
     RatioTarget("PSDASGD (triton) ≤ 1.15× fused AdamW", BIG, ("lrfree.PSDASGD[triton]",), 1.15),
     RatioTarget("PSSPS, InexactPolyak (triton) ≤ 1.2× fused AdamW", BIG,
@@ -379,6 +383,12 @@ def render(runs: list[Run], chart_paths: dict[str, list[str]], out_path: str) ->
     else:
         lines += ["No GPU run has been recorded yet: the targets are stated at LLM scale on a GPU, so every "
                   f"cell is *{NOT_MEASURED}*.", "", *targets_table(None), ""]
+    lines += ["Until a GPU measures them, the evidence is static: [KERNELS.md](KERNELS.md) is every kernel "
+              "variant compiled ahead of time for an H100 (registers, spills, resident warps per SM, access "
+              "widths, bytes per element), and CI holds every method's step to no spills, ≥ 16 resident "
+              "warps/SM, 128-bit accesses and the fused bytes of the table above "
+              "(tests/test_kernels_compile.py). That predicts the bandwidth a kernel can reach; it is not a "
+              "timing.", ""]
     for run in sorted(runs, key=lambda r: (r.device_type != "cuda", r.datetime)):
         versions = ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items()))
         lines += [f"## {run.device} — {run.mode} mode", "",

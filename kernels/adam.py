@@ -18,6 +18,15 @@ from .common import dtype_groups, launch, ok_flag
 
 
 @triton.jit
+def adam_moments(m, v, g, row, ACC: tl.constexpr):
+    """The new first and second moments from the stored ones and the gradient; ``row`` starts with the
+    tensor's (β1, 1−β1, β2, 1−β2). Shared with GLyDER's Adam direction (kernels/glyder.py)."""
+    m = tl.load(row).to(ACC) * m + tl.load(row + 1).to(ACC) * g
+    v = tl.load(row + 2).to(ACC) * v + tl.load(row + 3).to(ACC) * g * g
+    return m, v
+
+
+@triton.jit
 def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, ok,
                  sr_seeds, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
                  SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
@@ -35,8 +44,7 @@ def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor
         x = x * tl.load(row + 6).to(ACC)
     else:
         g = g + tl.load(row + 5).to(ACC) * x
-    m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask) + tl.load(row + 1).to(ACC) * g
-    v = tl.load(row + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask) + tl.load(row + 3).to(ACC) * g * g
+    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask), tl.load(v_ptr + offs, mask=mask), g, row, ACC)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     if AMSGRAD:

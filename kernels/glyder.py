@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .adam import adam_moments
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
@@ -56,8 +57,8 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
         x = tl.load(tensor_ptr(x_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if not DECOUPLED:
             g = g + tl.load(row + 5).to(ACC) * x
-    m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(row + 1).to(ACC) * g
-    v = tl.load(row + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0) + tl.load(row + 3).to(ACC) * g * g
+    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask, other=0.0), tl.load(v_ptr + offs, mask=mask, other=0.0),
+                        g, row, ACC)
     if not GUARD:
         accept = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
         tl.store(m_ptr + offs, m, mask=accept)
@@ -110,8 +111,7 @@ def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tenso
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
         if HAS_DECAY and not DECOUPLED:
             g = g + tl.load(row + 5).to(ACC) * x
-        m = tl.load(row).to(ACC) * tl.load(m_ptr + offs, mask=mask) + tl.load(row + 1).to(ACC) * g
-        v = tl.load(row + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask) + tl.load(row + 3).to(ACC) * g * g
+        m, v = adam_moments(tl.load(m_ptr + offs, mask=mask), tl.load(v_ptr + offs, mask=mask), g, row, ACC)
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
         if AMSGRAD:

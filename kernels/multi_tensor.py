@@ -223,7 +223,9 @@ def _segment_reduce_kernel(partials, block_first, out, K: tl.constexpr, MAX_MASK
             acc = tl.full((CHUNK,), float("-inf"), dtype=tl.float64)
         else:
             acc = tl.zeros((CHUNK,), dtype=tl.float64)
-        for b0 in range(lo, hi, CHUNK):
+        # a while loop, not range(lo, hi, CHUNK): Triton 3.6's interpreter cannot take loaded bounds there
+        b0 = lo
+        while b0 < hi:
             idx = b0 + tl.arange(0, CHUNK)
             inside = idx < hi
             if is_max:
@@ -232,6 +234,7 @@ def _segment_reduce_kernel(partials, block_first, out, K: tl.constexpr, MAX_MASK
             else:
                 v = tl.load(partials + idx.to(tl.int64) * K + k, mask=inside, other=0.0)
                 acc += v.to(tl.float64)
+            b0 += CHUNK
         if is_max:
             tl.store(out + s * K + k, tl.max(acc, axis=0))
         else:

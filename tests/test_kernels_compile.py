@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from lrfree.kernels import aot  # noqa: E402
 
 ARCHS = (80, 90)
-# The check compiles ~900 variants (about 4 minutes on 2 cores); it runs when LRFREE_COMPILE_CHECK=1
-# (.ci/compile-check) until its bytes table and bench/KERNELS.md are settled.
-pytestmark = pytest.mark.skipif(os.environ.get("LRFREE_COMPILE_CHECK") != "1",
-                                reason="ahead-of-time compile check: set LRFREE_COMPILE_CHECK=1")
+# The check compiles ~900 variants: 1-4 minutes on 2 cores, depending on Triton's cache. It is part of the
+# suite (CI runs it at both ends of the Triton range); LRFREE_COMPILE_CHECK=0 leaves it out of a quick local run.
+pytestmark = pytest.mark.skipif(os.environ.get("LRFREE_COMPILE_CHECK") == "0",
+                                reason="ahead-of-time compile check left out (LRFREE_COMPILE_CHECK=0)")
 LOW_PRECISION = ("fp32", "bf16", "fp16")
 
 
