@@ -1,7 +1,9 @@
 """Options and parametrization of the benchmark suite.
 
 ``--bench-mode``: ``full`` (LLM sizes, the default on a GPU), ``quick`` (narrow models, the default on a
-CPU) or ``smoke`` (tiny; CI runs it with ``--benchmark-disable`` so the suite cannot rot). The Triton
+CPU), ``check`` (bench/gpu_check.sh: the two LLM sizes the targets name, lrfree's fused backends against
+torch's AdamW and three official packages, no sweep) or ``smoke`` (tiny; CI runs it with
+``--benchmark-disable`` so the suite cannot rot). The Triton
 backend is timed only on a GPU; in smoke mode on a CPU it runs in Triton's interpreter, for coverage.
 """
 
@@ -27,7 +29,7 @@ import workloads as W  # noqa: E402
 
 def pytest_addoption(parser):
     group = parser.getgroup("lrfree benchmarks")
-    group.addoption("--bench-mode", choices=("smoke", "quick", "full"), default=None,
+    group.addoption("--bench-mode", choices=W.MODES, default=None,
                     help="workload sizes (default: full on a GPU, quick on a CPU)")
     group.addoption("--bench-device", default=None, help="device to benchmark on (default: cuda if available)")
     group.addoption("--bench-only", default="",
@@ -40,26 +42,19 @@ def _settings(config):
     return device, mode
 
 
-def _backends(device: torch.device, mode: str) -> tuple[str, ...]:
-    """Triton and the compiled extension are timed on a GPU; in smoke mode on a CPU they run (Triton's
-    interpreter, the extension's host build) only so that their code paths stay covered."""
-    if device.type == "cuda" or mode == "smoke":
-        return ("torch", "triton", "cuda")
-    return ("torch",)
-
-
 def pytest_generate_tests(metafunc):
     if "case" not in metafunc.fixturenames:
         return
     device, mode = _settings(metafunc.config)
     only = [s for s in metafunc.config.getoption("--bench-only").split(",") if s]
     cases, ids = [], []
-    for workload in W.workloads(mode, environment.max_sweep_numel(device)):
+    max_numel = environment.max_sweep_numel(device) if W.has_sweep(mode) else None
+    for workload in W.workloads(mode, max_numel):
         if metafunc.function.__name__ == "test_copy":
             cases.append((workload, None))
             ids.append(f"{workload.label}/copy")
             continue
-        for contender in C.contenders(_backends(device, mode), sweep=workload.sweep):
+        for contender in C.contenders(C.backends_for(device, mode), sweep=workload.sweep, compact=mode == "check"):
             if only and not any(s in contender.name for s in only):
                 continue
             cases.append((workload, contender))
@@ -80,7 +75,7 @@ def bench_mode(request):
 @pytest.fixture(scope="session")
 def rounds(bench_mode):
     """(timed rounds, warm-up rounds) per benchmark."""
-    return {"smoke": (2, 1), "quick": (10, 2), "full": (30, 5)}[bench_mode]
+    return W.ROUNDS[bench_mode]
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

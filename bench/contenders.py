@@ -114,16 +114,34 @@ CANONICAL_OFFICIAL = {"DAdaptSGD": "dadaptation.DAdaptSGD", "DAdaptAdam": "dadap
 BASELINE = "torch.optim.AdamW(fused=True)"
 
 
-def contenders(backends: tuple[str, ...], sweep: bool = False) -> list[Contender]:
-    """Every contender for one workload (``sweep``: the reduced set the scaling sweep runs)."""
+# The official implementations the GPU check times (bench/gpu_check.sh): the targets' speed-ups are quoted
+# against the first two.
+CHECK_OFFICIAL = ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy", "dog.DoG")
+
+
+def contenders(backends: tuple[str, ...], sweep: bool = False, compact: bool = False) -> list[Contender]:
+    """Every contender for one workload (``sweep``: the reduced set the scaling sweep runs; ``compact``: the
+    GPU check's set — lrfree on its fused backends, torch's AdamW, and CHECK_OFFICIAL)."""
     torch_ones = [_torch("AdamW", "fused"), _torch("AdamW", "foreach"), _torch("Adam", "fused"),
                   _torch("Adam", "foreach")]
+    if compact:
+        fused = [b for b in backends if b != "torch"] or ["torch"]
+        return (torch_ones[:2] + [_lrfree(m, b) for m in LRFREE_METHODS for b in fused if covered(m, b)]
+                + [_glyder(b) for b in fused if b != "cuda"] + [c for c in OFFICIAL if c.name in CHECK_OFFICIAL])
     if sweep:
         fused = [b for b in backends if b != "torch"] or ["torch"]
         return [torch_ones[0]] + [_lrfree(m, b) for m in SWEEP_METHODS for b in fused if covered(m, b)] + \
             [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
     return (torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)]
             + [_glyder(b) for b in backends if b != "cuda"] + OFFICIAL)
+
+
+def backends_for(device: torch.device, mode: str) -> tuple[str, ...]:
+    """Triton and the compiled extension are timed on a GPU; in smoke mode on a CPU they run (Triton's
+    interpreter, the extension's host build) only so that their code paths stay covered."""
+    if device.type == "cuda" or mode == "smoke":
+        return ("torch", "triton", "cuda")
+    return ("torch",)
 
 
 def covered(method: str, backend: str) -> bool:

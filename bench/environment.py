@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import re
 
 import torch
 
@@ -57,3 +58,9 @@ def max_sweep_numel(device: torch.device) -> int:
     else:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(0.8 * free / SWEEP_BYTES_PER_ELEMENT)
+
+
+def results_dir(device: torch.device, mode: str) -> str:
+    """``bench/results/<device>-<mode>``: where a run on this device and mode keeps its files."""
+    slug = re.sub(r"[^a-z0-9]+", "-", describe(device)["device"].lower()).strip("-")
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-{mode}")

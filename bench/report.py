@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -288,6 +289,39 @@ def backend_table(run: Run) -> list[str]:
             "| method | triton | cuda | triton / cuda | faster |", "|---|---|---|---|---|", *lines, ""]
 
 
+# The extension must beat Triton by more than run-to-run noise before "auto" prefers it.
+CUDA_MARGIN = 0.97
+BACKENDS_SOURCE = os.path.join(os.path.dirname(HERE), "python", "lrfree", "backends", "__init__.py")
+
+
+def auto_prefers_cuda(run: Run) -> frozenset[str]:
+    """The kernels modules (``FusedOptimizer.kernels``) whose every method measured on both fused backends
+    ran faster on the CUDA extension (by CUDA_MARGIN) on every named workload of a GPU run."""
+    import lrfree
+    verdicts: dict[str, list[bool]] = {}
+    for workload in run.workloads():
+        for method in TRITON_METHODS:
+            triton, cuda = run.find(workload, f"lrfree.{method}[triton]"), run.find(workload, f"lrfree.{method}[cuda]")
+            if triton is not None and cuda is not None:
+                verdicts.setdefault(getattr(lrfree, method).kernels, []).append(
+                    cuda.median <= CUDA_MARGIN * triton.median)
+    return frozenset(module for module, wins in verdicts.items() if all(wins))
+
+
+def update_auto_prefers_cuda(modules: frozenset[str], path: str = BACKENDS_SOURCE) -> str:
+    """Rewrites the AUTO_PREFERS_CUDA line of lrfree.backends; returns the new line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    inner = "{" + ", ".join(f'"{m}"' for m in sorted(modules)) + "}" if modules else ""
+    line = f"AUTO_PREFERS_CUDA: frozenset[str] = frozenset({inner})"
+    new, n = re.subn(r"^AUTO_PREFERS_CUDA: frozenset\[str\] = frozenset\(.*\)$", line, text, flags=re.M)
+    if n != 1:
+        raise ValueError(f"{path}: expected one AUTO_PREFERS_CUDA line, found {n}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(new)
+    return line
+
+
 # ----------------------------------------------------------------------------------------------- charts
 
 def charts(run: Run) -> list[str]:
@@ -415,9 +449,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="*", help="pytest-benchmark JSON files (default: bench/results/*/results.json)")
     parser.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--update-auto-prefers-cuda", action="store_true",
+                        help="only set lrfree.backends.AUTO_PREFERS_CUDA from the newest GPU run")
     args = parser.parse_args(argv)
     paths = args.runs or sorted(glob.glob(os.path.join(HERE, "results", "*", "results.json")))
     runs = [load(p) for p in paths]
+    if args.update_auto_prefers_cuda:
+        gpu_runs = sorted((r for r in runs if r.device_type == "cuda"), key=lambda r: r.datetime)
+        if not gpu_runs:
+            print("no GPU run recorded: AUTO_PREFERS_CUDA left as it is")
+            return 0
+        print(f"{update_auto_prefers_cuda(auto_prefers_cuda(gpu_runs[-1]))}  # from {gpu_runs[-1].path}")
+        return 0
     chart_paths = {} if args.no_charts else {run.path: charts(run) for run in runs}
     text = render(runs, chart_paths, args.out)
     with open(args.out, "w", encoding="utf-8") as f:

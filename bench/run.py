@@ -1,4 +1,4 @@
-"""Run the benchmark suite and write the report: ``python bench/run.py [--mode quick|full] [pytest args]``.
+"""Run the benchmark suite and write the report: ``python bench/run.py [--mode MODE] [pytest args]``.
 
 The run's pytest-benchmark JSON goes to ``bench/results/<device>-<mode>/results.json`` (a later run on the
 same device and mode replaces it), its charts beside it, and ``bench/RESULTS.md`` is regenerated from every
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 import pytest
@@ -20,24 +19,19 @@ sys.path.insert(0, HERE)
 
 import environment  # noqa: E402
 import report  # noqa: E402
-
-
-def run_dir(device: torch.device, mode: str) -> str:
-    name = environment.describe(device)["device"]
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return os.path.join(HERE, "results", f"{slug}-{mode}")
+import workloads  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("smoke", "quick", "full"), default=None,
-                        help="workload sizes (default: full on a GPU, quick on a CPU)")
+    parser.add_argument("--mode", choices=workloads.MODES, default=None,
+                        help="workload sizes (default: full on a GPU, quick on a CPU; check: bench/gpu_check.sh's)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--only", default="", help="comma-separated substrings of contender names")
     args, pytest_args = parser.parse_known_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mode = args.mode or ("full" if device.type == "cuda" else "quick")
-    out = run_dir(device, mode)
+    out = environment.results_dir(device, mode)
     os.makedirs(out, exist_ok=True)
     json_path = os.path.join(out, "results.json")
     code = pytest.main([HERE, "-q", "-p", "no:cacheprovider", f"--bench-mode={mode}", f"--bench-device={device}",

@@ -93,6 +93,15 @@ def _short(n: int) -> str:
     return str(n)
 
 
+MODES = ("smoke", "quick", "full", "check")
+# (timed rounds, warm-up rounds) per benchmark; the GPU check trades rounds for its time budget
+ROUNDS = {"smoke": (2, 1), "quick": (10, 2), "full": (30, 5), "check": (12, 3)}
+
+
+def has_sweep(mode: str) -> bool:
+    return mode in ("quick", "full")
+
+
 def workloads(mode: str, max_numel: int | None = None) -> list[Workload]:
     """The workloads of a benchmark mode; ``max_numel`` caps the sweep (what fits in memory)."""
     if mode == "smoke":  # CI: every code path at a size the Triton interpreter runs in seconds
@@ -105,7 +114,10 @@ def workloads(mode: str, max_numel: int | None = None) -> list[Workload]:
         named = _named({"gpt2-124M": gpt2_shapes(12, 768, 50257, 1024),
                         "llama-738M": llama_shapes(12, 2048, 5504, 32000)}, (torch.float32, torch.bfloat16))
         return named + _sweep(2**20, max_numel or 2**31)
-    raise ValueError(f"unknown benchmark mode {mode!r}; expected smoke, quick or full")
+    if mode == "check":  # bench/gpu_check.sh: the sizes the speed targets are stated at, nothing more
+        return (_named({"llama-738M": llama_shapes(12, 2048, 5504, 32000)}, (torch.float32,))
+                + _named({"gpt2-124M": gpt2_shapes(12, 768, 50257, 1024)}, (torch.float32, torch.bfloat16)))
+    raise ValueError(f"unknown benchmark mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
 class Materialized:

@@ -87,24 +87,25 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(err.max()) if err.numel() else 0.0
 
 
-def run(s: Scenario, rank: int, world: int) -> dict:
+def run(s: Scenario, rank: int, world: int, device: torch.device) -> dict:
     from optimizer_db import BY_NAME
     info = BY_NAME[s.method]
-    x, y = _data()
+    x, y = (t.to(device) for t in _data())
     mine = slice(rank, None, world)
-    ref = _model()
-    model = _model()
+    ref = _model().to(device)
+    model = _model().to(device)
     if s.layout == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
         fully_shard(model[0], mesh=mesh)
         fully_shard(model[2], mesh=mesh)
         fully_shard(model, mesh=mesh)
         opt = info.make(_groups(model), backend=s.backend)
         forward = model
     elif s.layout == "ddp":
-        forward = torch.nn.parallel.DistributedDataParallel(model)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
         opt = info.make(_groups(model), backend=s.backend, process_group=dist.group.WORLD)
     else:  # zero: plain leaf tensors, this rank's flat slice of each parameter
         shards = {}
@@ -172,16 +173,20 @@ def run(s: Scenario, rank: int, world: int) -> dict:
             "expected": expected_collectives(s, info.needs_loss), "skipped_ok": skipped_ok}
 
 
-def main(rank: int, world: int, init_file: str, out_dir: str, ids: list[str]) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+def main(rank: int, world: int, init_file: str, out_dir: str, ids: list[str], device_type: str = "cpu") -> None:
+    """One rank: gloo on CPU tensors, or NCCL with rank r on GPU r (``device_type="cuda"``)."""
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         for s in scenarios():
             if s.id not in ids:
                 continue
             try:
-                results[s.id] = run(s, rank, world)
+                results[s.id] = run(s, rank, world, device)
             except Exception:  # recorded, so the test names the scenario and shows the traceback
                 results[s.id] = {"error": traceback.format_exc()}
             dist.barrier()

@@ -1,4 +1,4 @@
-"""Data-parallel training (gloo on CPU, 2 and 4 processes): FSDP2, ZeRO-style shards and DDP runs equal the
+"""Data-parallel training (gloo on CPU, 2 and 4 processes; NCCL on two GPUs where present): FSDP2, ZeRO-style shards and DDP runs equal the
 single-process run in fp64, each step issues exactly the expected collectives, and a non-finite gradient or
 loss on one rank skips the step on every rank. The processes are in ``distributed_worker``."""
 
@@ -23,19 +23,39 @@ CASES = [(world, s) for s in W.scenarios() for world in WORLDS if world in s.wor
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every scenario, run once per world size; {world: [rank results]}."""
-    out = {}
-    for world in WORLDS:
-        folder = tmp_path_factory.mktemp(f"world{world}")
-        ids = [s.id for w, s in CASES if w == world]
-        mp.start_processes(W.main, args=(world, str(folder / "init"), str(folder), ids), nprocs=world,
-                           join=True, start_method="spawn")
-        out[world] = [torch.load(folder / f"rank{r}.pt") for r in range(world)]
-    return out
+    return {world: _spawn(world, tmp_path_factory.mktemp(f"world{world}"), [s.id for w, s in CASES if w == world])
+            for world in WORLDS}
+
+
+def _spawn(world: int, folder, ids: list[str], device_type: str = "cpu") -> list[dict]:
+    mp.start_processes(W.main, args=(world, str(folder / "init"), str(folder), ids, device_type), nprocs=world,
+                       join=True, start_method="spawn")
+    return [torch.load(folder / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def nccl_runs(tmp_path_factory):
+    """The world-2 scenarios again on two GPUs with NCCL (bench/gpu_check.sh runs them where it can)."""
+    if torch.cuda.device_count() < 2 or not dist.is_nccl_available():
+        pytest.skip("needs two CUDA devices and NCCL")
+    return _spawn(2, tmp_path_factory.mktemp("nccl"), [s.id for s in NCCL_CASES], "cuda")
+
+
+NCCL_CASES = [s for w, s in CASES if w == 2]
 
 
 @pytest.mark.parametrize("world,scenario", CASES, ids=[f"{w}ranks-{s.id}" for w, s in CASES])
 def test_data_parallel_step_equals_single_process(runs, world, scenario):
-    for rank, results in enumerate(runs[world]):
+    check_ranks(runs[world], scenario)
+
+
+@pytest.mark.parametrize("scenario", NCCL_CASES, ids=[f"2ranks-{s.id}" for s in NCCL_CASES])
+def test_data_parallel_on_nccl_equals_single_process(nccl_runs, scenario):
+    check_ranks(nccl_runs, scenario)
+
+
+def check_ranks(ranks: list[dict], scenario) -> None:
+    for rank, results in enumerate(ranks):
         r = results[scenario.id]
         assert "error" not in r, f"rank {rank}:\n{r['error']}"
         # fp64: the shards' partial sums only change the order of the additions
