@@ -104,7 +104,7 @@ void dispatch(const std::string& name, int64_t grid, const std::vector<int64_t>&
   } else if (name == "prodigy._prodigy_apply_kernel") {
     LRF_RUN(ProdigyApplyBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11));
   } else if (name == "ps_dasgd._start_kernel") {
-    LRF_RUN(PsdasgdStartBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), I(9), I(10));
+    LRF_RUN(PsdasgdStartBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), I(10), I(11));
   } else if (name == "ps_dasgd._step_kernel") {
     LRF_RUN(PsdasgdStepBody, P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7), P(8), P(9), P(10), P(11), P(12), P(13),
             P(14), P(15));

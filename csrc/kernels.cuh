@@ -271,9 +271,9 @@ LRF_HD void dadapt_adam(Ctx& ctx, const DAdaptAdamArgs& a, int64_t block, bool d
       si = sqrt_b2 * si + (dlr * c_sqrt_b2) * gi;
       l1 += fabs(si);
       if (accept) { m[i] = mi; v[i] = vi; s[i] = si; }
-    }
-    if (decouple) xi = xi - decay * dlr * xi;
-    if (accept) store<X, A>(x, i, xi - mi / (sqrt(vi) + eps));
+      if (decouple) xi = xi - decay * dlr * xi;  // decay = c·wd: part of the group's step
+      if (accept) store<X, A>(x, i, xi - mi / (sqrt(vi) + eps));
+    }  // lr = 0: the group's step is 0, x is left as it is
   }
   store_partial(ctx, a.partials, 2, 0, ctx.sum(num));
   store_partial(ctx, a.partials, 2, 1, ctx.sum(l1));
@@ -334,7 +334,8 @@ LRF_HD void prodigy_apply(Ctx& ctx, const ProdigyApplyArgs& a, int64_t block, bo
   if (*a.proceed == 0) return;
   Span sp = span_of(ctx, a.numels, a.bt, a.bs, block);
   int64_t t = sp.t;
-  A dlr = A(*a.dlr), d_new = A(*a.d_new), decay = A(a.decay[t]), eps = A(a.eps[t]);
+  // dlr: the tensor's step c·λ (its group's lr ratio times the shared step)
+  A dlr = A(a.dlr[t]), d_new = A(*a.d_new), decay = A(a.decay[t]), eps = A(a.eps[t]);
   X* x = slot_ptr<X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
   const A* m = slot_ptr<const A>(a.m, t);
@@ -357,7 +358,8 @@ LRF_HD void prodigy_apply(Ctx& ctx, const ProdigyApplyArgs& a, int64_t block, bo
 
 struct PsdasgdStartArgs {
   const int64_t* g; const int64_t* v; const int64_t* vmax; const int64_t* numels; const int32_t* bt;
-  const int64_t* bs; const double* c; const int32_t* started; double* partials; int64_t n_blocks; int64_t programs;
+  const int64_t* bs; const double* c; const double* weights; const int32_t* started; double* partials;
+  int64_t n_blocks; int64_t programs;
 };
 
 // Persistent (kernels/common.py until_known): program pid sums blocks pid, pid + programs, ... while n0 is
@@ -381,8 +383,9 @@ LRF_HD void psdasgd_start(Ctx& ctx, const PsdasgdStartArgs& a, int64_t block, bo
       ratio += gi * gi / alpha_sq;
       alpha_sum += alpha_sq;
     }
-    ratio_total += double(ctx.sum(ratio));  // meaningful in the leader, which stores the row
-    alpha_total += double(ctx.sum(alpha_sum));
+    // the block's sums times its tensor's lr ratio (fp64; 1 for every tensor when the group lrs are equal)
+    ratio_total += double(ctx.sum(ratio)) * a.weights[sp.t];  // meaningful in the leader, which stores the row
+    alpha_total += double(ctx.sum(alpha_sum)) * a.weights[sp.t];
   }
   store_partial(ctx, a.partials, 2, 0, ratio_total);
   store_partial(ctx, a.partials, 2, 1, alpha_total);
@@ -408,8 +411,10 @@ LRF_HD void psdasgd_step(Ctx& ctx, const PsdasgdStepArgs& a, int64_t block, bool
   A* v = slot_ptr<A>(a.v, t);
   A* vmax = slot_ptr<A>(a.vmax, t);
   const X* x0 = slot_ptr<const X>(a.x0, t);
-  A decay = A(a.decay[t]), dlr = A(*a.dlr), c1 = A(a.c[1]), bc1 = A(a.c[2]);
-  A mu = A(a.averaging[0]), one_minus_mu = A(a.averaging[1]);
+  // dlr: the tensor's step c·λ (its group's lr ratio times the shared step)
+  A decay = A(a.decay[t]), dlr = A(a.dlr[t]), c1 = A(a.c[1]), bc1 = A(a.c[2]);
+  // the tensor's group's primal averaging (μ, 1 − μ), per tensor
+  A mu = A(a.averaging[2 * t]), one_minus_mu = A(a.averaging[2 * t + 1]);
   A dot = 0, snorm = 0, ratio_max = 0;
   LRF_FOR(ctx, sp, i) {
     A xi = load<X, A>(x, i), gi = load<X, A>(g, i), si = s[i];

@@ -1,6 +1,6 @@
 """Clipped SGD apply pass: d = κ g + λ x;  b ← μ b + d (and d ← d + μ b with Nesterov, else d ← b);
-x ← x − lr d. The clip coefficient κ is a device scalar; lr, λ, μ and Nesterov are per tensor (param
-groups). Tensors with and without a momentum buffer launch separately. Bytes: R 8 (+4), W 4 (+4)."""
+x ← x − lr d. The clip coefficient κ (its group's, from the global norm), lr, λ, μ and Nesterov are per
+tensor (param groups). Tensors with and without a momentum buffer launch separately. Bytes: R 8 (+4), W 4 (+4)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
-    d = g * tl.load(clip).to(ACC) + tl.load(decay + t).to(ACC) * x
+    d = g * tl.load(clip + t).to(ACC) + tl.load(decay + t).to(ACC) * x
     if HAS_BUF:
         buf_ptr = tensor_ptr(buf_ptrs, t, ACC, ALIGNED)
         mu = tl.load(momentum + t).to(ACC)
@@ -34,6 +34,7 @@ def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_
 
 
 def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
+    """``clip``: every tensor's κ (fp64, one per item)."""
     lr, decay = batch.per_item("lr"), batch.per_item("weight_decay")
     momentum = batch.per_item("momentum")
     nesterov = batch.vector(float(it.group["nesterov"]) for it in batch.items)
@@ -44,6 +45,6 @@ def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
     for group in dtype_groups(batch, slots, key=lambda it: it.group["momentum"] > 0):
         geo = group.geo
         launch(_clipped_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1),
-               geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, clip,
+               geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, group.take(clip),
                group.take(lr), group.take(decay), group.take(momentum), group.take(nesterov), ok_flag(batch),
                X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, **group.tiling(warps=4), **rounding(batch, group))

@@ -2,6 +2,8 @@
 
     g̃ = (g + wd x) γ;  L ← max(L, |g̃|);  θ ← θ − g̃;  G ← G + |g̃|;  R ← max(R − g̃ (x − x0), 0)
     x ← x0 + (L + R) θ / (L max(G + L, α L))            R 28 (g, x, θ, G, L, R, x0)  W 20
+
+γ (the group's lr) and α are per tensor: ``coeffs`` holds (γ, α) of tensor t at 2t, 2t + 1 (fp64).
 """
 
 from __future__ import annotations
@@ -28,12 +30,12 @@ def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
-    g = (g + tl.load(decay_vec + t).to(ACC) * x) * tl.load(coeffs).to(ACC)
+    g = (g + tl.load(decay_vec + t).to(ACC) * x) * tl.load(coeffs + 2 * t).to(ACC)
     big_l = tl.maximum(tl.load(l_ptr + offs, mask=mask, other=1.0), tl.abs(g))
     theta = tl.load(theta_ptr + offs, mask=mask) - g
     gsum = tl.load(gsum_ptr + offs, mask=mask) + tl.abs(g)
     reward = tl.maximum(tl.load(r_ptr + offs, mask=mask) - g * (x - x0), 0.0)
-    denom = tl.maximum(gsum + big_l, big_l * tl.load(coeffs + 1).to(ACC)) * big_l
+    denom = tl.maximum(gsum + big_l, big_l * tl.load(coeffs + 2 * t + 1).to(ACC)) * big_l
     tl.store(l_ptr + offs, big_l, mask=mask)
     tl.store(theta_ptr + offs, theta, mask=mask)
     tl.store(gsum_ptr + offs, gsum, mask=mask)
@@ -41,12 +43,13 @@ def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs
     tl.store(x_ptr + offs, to_param((reward + big_l) * theta / denom + x0, X, SR, sr_seeds, t, offs), mask=mask)
 
 
-def cocob_step(opt, batch, scale: float) -> None:
-    coeffs = batch.vector((scale, opt.param_groups[0]["alpha"]))
+def cocob_step(opt, batch) -> None:
+    # (items, 2): row t is tensor t's (γ, α); a dtype group takes its rows, which the kernel reads at 2t, 2t + 1
+    coeffs = batch.vector(v for it in batch.items for v in (it.group["lr"], it.group["alpha"])).view(-1, 2)
     decay = batch.per_item("weight_decay")
     keys = ("sum_negative_gradients", "grad_norm_sum", "L", "reward", "x0")
     for group in dtype_groups(batch, lambda it: (it.p, it.g, *(it.state[k] for k in keys))):
         geo = group.geo
         launch(_cocob_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
-               geo.block_start, group.take(decay), coeffs, ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
+               geo.block_start, group.take(decay), group.take(coeffs), ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
                **group.tiling(warps=8), **rounding(batch, group))

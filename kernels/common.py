@@ -198,7 +198,7 @@ def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, arg
 
 
 @triton.jit(do_not_specialize=["n_blocks", "programs"])
-def _sumsq_until_kernel(g_ptrs, numels, block_tensor, block_start, known, rows, n_blocks, programs,
+def _sumsq_until_kernel(g_ptrs, numels, block_tensor, block_start, weights, known, rows, n_blocks, programs,
                         X: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid = tl.program_id(0)
     total = tl.zeros((), tl.float64)
@@ -207,14 +207,18 @@ def _sumsq_until_kernel(g_ptrs, numels, block_tensor, block_start, known, rows, 
     while b < end:
         t, offs, mask = block_elements(b, numels, block_tensor, block_start, BLOCK, ALIGNED)
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
-        total += tl.sum(g * g, axis=0).to(tl.float64)  # the block's sum, as the Σg² pass forms it
+        # the block's sum, as the Σg² pass forms it, times its tensor's fp64 weight (1 when unweighted)
+        total += tl.sum(g * g, axis=0).to(tl.float64) * tl.load(weights + t)
         b += programs
     tl.store(rows + pid, total)
 
 
-def grad_sq_until(batch, known: torch.Tensor) -> torch.Tensor:
-    """(1,) fp64 Σg² over the batch's local elements while the device flag ``known`` is false (0 after),
-    in a small persistent launch (see ``until_known``)."""
+def grad_sq_until(batch, known: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(1,) fp64 Σ w_t Σg² over the batch's local elements while the device flag ``known`` is false (0
+    after), in a small persistent launch (see ``until_known``); ``weights`` one fp64 value per tensor
+    (None: all 1)."""
+    if weights is None:
+        weights = batch.vector(1.0 for _ in batch.items)
     return until_known(batch, known, _sumsq_until_kernel, 1, lambda it: (it.g,),
                        lambda group: (group.geo.slot(0), group.geo.numels, group.geo.block_tensor,
-                                      group.geo.block_start), warps=4)[:, 0]
+                                      group.geo.block_start, group.take(weights)), warps=4)[:, 0]

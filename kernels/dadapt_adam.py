@@ -1,7 +1,8 @@
-"""D-Adapt Adam in one pass (ALGORITHMS §4.6). Per tensor, λ = dlr, r = layer_scale:
+"""D-Adapt Adam in one pass (ALGORITHMS §4.6). Per tensor, λ = dlr, c its group's lr ratio, r = layer_scale·c:
 
     g ← g + wd x (coupled);   (lr > 0)  ⟨g, s/(√v+ε)⟩ (old s, v);  m ← β1 m + rλ(1−β1) g;
-    v ← β2 v + (1−β2) g²;  s ← √β2 s + λ(1−√β2) g;  ‖s‖₁;     x ← x − wd λ x (decoupled);  x ← x − m/(√v+ε)
+    v ← β2 v + (1−β2) g²;  s ← √β2 s + λ(1−√β2) g;  ‖s‖₁;     x ← x − c wd λ x (decoupled);  x ← x − m/(√v+ε)
+    (lr = 0: nothing is written, x included)
 
 R 20 (g, x, s, m, v), W 16 (s, m, v, x); partials ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor."""
 
@@ -53,19 +54,23 @@ def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_te
         tl.store(m_ptr + offs, m, mask=mask & accept)
         tl.store(v_ptr + offs, v, mask=mask & accept)
         tl.store(s_ptr + offs, s, mask=mask & accept)
-    else:
+        if DECOUPLE:
+            x = x - decay * dlr * x  # decay = c·wd: the decay step is part of the group's step
+        tl.store(x_ptr + offs, to_param(x - m / (tl.sqrt(v) + eps), X, SR, sr_seeds, t, offs), mask=mask & accept)
+    else:  # lr = 0: the group's step is 0, so x is left as it is (no decay, no stale m)
         tl.store(partials + 2 * pid, 0.0)
         tl.store(partials + 2 * pid + 1, 0.0)
-    if DECOUPLE:
-        x = x - decay * dlr * x
-    tl.store(x_ptr + offs, to_param(x - m / (tl.sqrt(v) + eps), X, SR, sr_seeds, t, offs), mask=mask & accept)
 
 
-def dadapt_adam_step(opt, batch, dlr: torch.Tensor) -> torch.Tensor:
+def dadapt_adam_step(opt, batch, dlr: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+    """``ratios``: every tensor's lr ratio c (host floats)."""
     hp = opt.rule_group()
     beta1, beta2 = hp["betas"]
     coeffs = batch.vector((beta1, 1 - beta1, beta2, 1 - beta2, beta2 ** 0.5, 1 - beta2 ** 0.5))
-    eps, decay, scale = batch.per_item("eps"), batch.per_item("weight_decay"), batch.per_item("layer_scale")
+    eps = batch.per_item("eps")
+    # decoupled, the decay is a step and scales with the group's lr ratio; coupled, it is part of g
+    decay = batch.vector(it.group["weight_decay"] * (c if hp["decouple"] else 1.0) for it, c in zip(batch.items, ratios))
+    scale = batch.vector(it.group["layer_scale"] * c for it, c in zip(batch.items, ratios))
     adapting = batch.vector(float(it.group["lr"] > 0) for it in batch.items)
     parts = []
     for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state["s"], it.state["exp_avg"],

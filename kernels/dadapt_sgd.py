@@ -1,6 +1,7 @@
-"""D-Adapt SGD in one pass (ALGORITHMS §4.5): for every tensor, with λ = dlr and wd, β from group 0
+"""D-Adapt SGD in one pass (ALGORITHMS §4.5): for every tensor t, with λ_t = c_t·dlr (its group's lr ratio
+times the shared step, an fp64 per-tensor vector) and wd, β from group 0
 
-    g ← g + wd x;   (lr > 0)  ⟨g, s⟩ (old s),  s ← s + λ g,  Σ s²;   x ← β x + (1 − β)(x0 − s)
+    g ← g + wd x;   (lr > 0)  ⟨g, s⟩ (old s),  s ← s + λ_t g,  Σ s²;   x ← β x + (1 − β)(x0 − s)
 
 R 16 (g, x, s, x0), W 8 (s, x); partials ⟨g, s_old⟩ and ‖s_new‖² per tensor."""
 
@@ -32,7 +33,7 @@ def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, bl
     s = tl.load(s_ptr + offs, mask=mask, other=0.0)
     if tl.load(adapting + t) != 0:
         tl.store(partials + 2 * pid, tl.sum(g * s, axis=0))
-        s = s + tl.load(dlr).to(ACC) * g
+        s = s + tl.load(dlr + t).to(ACC) * g
         tl.store(partials + 2 * pid + 1, tl.sum(s * s, axis=0))
         tl.store(s_ptr + offs, s, mask=mask & accept)
     else:
@@ -42,14 +43,15 @@ def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, bl
     tl.store(x_ptr + offs, to_param(x * beta + (x0 - s) * averaging, X, SR, sr_seeds, t, offs), mask=mask & accept)
 
 
-def dadapt_sgd_step(opt, batch, dlr: torch.Tensor, decay: float, beta: float) -> torch.Tensor:
+def dadapt_sgd_step(opt, batch, steps: torch.Tensor, decay: float, beta: float) -> torch.Tensor:
+    """``steps``: every tensor's c·λ (fp64, one per item)."""
     adapting = batch.vector(float(it.group["lr"] > 0) for it in batch.items)
     parts = []
     for group in dtype_groups(batch, lambda it: (it.p, it.g, it.state["s"], it.state["x0"])):
         geo = group.geo
         partials = group.partials(2)
         launch(_dadapt_sgd_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.slot(3), geo.numels,
-               geo.block_tensor, geo.block_start, group.take(adapting), dlr, ok_flag(batch), partials,
+               geo.block_tensor, geo.block_start, group.take(adapting), group.take(steps), ok_flag(batch), partials,
                batch.vector((decay, beta, 1.0 - beta)),
                X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials)))

@@ -3,7 +3,8 @@
 Pass A (lr > 0 tensors), with J the elements whose flat index is a multiple of the tensor's slice_p:
     g ← g + wd x (coupled);   ⟨g_J, p0 − x_J⟩;   m ← β1 m + d(1−β1) g;   v ← β2 v + d²(1−β2) g²;
     s ← β3 s + c_s g_J;   ‖s‖₁                                   R 24 (g, x, p0, s, m, v)  W 12
-Pass B: x ← x − wd λ x (decoupled);  x ← x − λ m / (√v + d_new ε)   (β1 = 0: λ d_new g / (...))   R 12  W 4
+Pass B, with λ_t = c_t λ (the tensor's group lr ratio times the shared step, an fp64 per-tensor vector):
+    x ← x − wd λ_t x (decoupled);  x ← x − λ_t m / (√v + d_new ε)   (β1 = 0: λ_t d_new g / (...))   R 12  W 4
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, 
     if tl.load(proceed) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
-    dlr = tl.load(dlr_ptr).to(ACC)
+    dlr = tl.load(dlr_ptr + t).to(ACC)
     d_new = tl.load(d_new_ptr).to(ACC)
     decay = tl.load(decay_vec + t).to(ACC)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
@@ -83,14 +84,14 @@ def _slots(it):
     return (it.p, it.g, st["p0"], st["s"], st.get("exp_avg", st["exp_avg_sq"]), st["exp_avg_sq"])
 
 
-def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
     hp = opt.rule_group()
     beta1, beta2 = hp["betas"]
     beta3 = hp["beta3"] if hp["beta3"] is not None else beta2 ** 0.5
     coeffs = torch.stack([torch.full_like(d, beta1), d * (1 - beta1), torch.full_like(d, beta2),
                           d * d * (1 - beta2), torch.full_like(d, beta3)])
     weight = torch.where(batch.vector(float(it.group["safeguard_warmup"]) for it in batch.items) != 0, d, dlr)
-    s_coef = (d / batch.per_item("d0")) * weight
+    s_coef = (d / batch.per_item("d0")) * weight * ratios  # × c: s sees the reparametrized gradient c·g
     slices = batch.index(it.group["slice_p"] for it in batch.items)
     decay = batch.per_item("weight_decay")
     parts = []
@@ -107,7 +108,8 @@ def prodigy_stats(opt, batch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tenso
                                                            device=batch.device)
 
 
-def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: torch.Tensor) -> None:
+def prodigy_apply(opt, batch, steps: torch.Tensor, d_new: torch.Tensor, proceed: torch.Tensor) -> None:
+    """``steps``: every tensor's c λ (fp64, one per item)."""
     hp = opt.rule_group()
     flag = proceed.to(torch.int32)
     decay, eps = batch.per_item("weight_decay"), batch.per_item("eps")
@@ -115,6 +117,6 @@ def prodigy_apply(opt, batch, dlr: torch.Tensor, d_new: torch.Tensor, proceed: t
                                                  it.state["exp_avg_sq"])):
         geo = group.geo
         launch(_prodigy_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(4)), geo.numels,
-               geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), dlr, d_new, flag,
+               geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), group.take(steps), d_new, flag,
                X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"], HAS_M=hp["betas"][0] > 0,
                **group.tiling(warps=4), **rounding(batch, group))

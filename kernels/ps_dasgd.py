@@ -2,10 +2,11 @@
 
 Start pass (common.until_known: a persistent launch of at most 1024 programs that streams g and v only
 until the device says n0 is known, and writes zeros after):
-    Σ g²/α²  and  Σ α²  over all elements (α from this step's v, computed in registers, nothing written)
-Step pass, one per step (R 20: g, x, v, m, s; W 16: v, m, s, x):
-    α², α²_prev;  u = m̂/α² (+ wd x);  ⟨g, s_old⟩;  s ← s + λ u;  Σ α² s²;  max α²_prev/α²
-    x ← x − λ u     (or μ x + (1 − μ)(x0 − s) with primal averaging)
+    Σ c_t g²/α²  and  Σ c_t α²  over all elements (α from this step's v, computed in registers, nothing
+    written; c_t the tensor's group lr ratio, an fp64 per-tensor vector)
+Step pass, one per step (R 20: g, x, v, m, s; W 16: v, m, s, x), λ_t = c_t λ per tensor:
+    α², α²_prev;  u = m̂/α² (+ wd x);  ⟨g, s_old⟩;  s ← s + λ_t u;  Σ α² s²;  max α²_prev/α²
+    x ← x − λ_t u     (or μ_t x + (1 − μ_t)(x0 − s) with primal averaging, μ_t per tensor)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .scaling import adam_scale, direction
 
 
 @triton.jit(do_not_specialize=["n_blocks", "programs"])
-def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, started, partials, n_blocks,
+def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, weights, started, partials, n_blocks,
                   programs, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
                   BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Persistent (common.until_known): program pid sums blocks pid, pid + programs, ... while n0 is not
@@ -43,8 +44,10 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
         else:
             alpha_sq = tl.full([BLOCK], 1.0, ACC)
         # the block's sums in ACC, as one program of a full grid forms them; the program's total in fp64
-        ratio += tl.sum(g * g / alpha_sq, axis=0).to(tl.float64)
-        alpha += tl.sum(tl.where(mask, alpha_sq, 0.0), axis=0).to(tl.float64)
+        # ... times the tensor's lr ratio, in fp64 (1 for every tensor when the group lrs are equal)
+        weight = tl.load(weights + t)
+        ratio += tl.sum(g * g / alpha_sq, axis=0).to(tl.float64) * weight
+        alpha += tl.sum(tl.where(mask, alpha_sq, 0.0), axis=0).to(tl.float64) * weight
         b += programs
     tl.store(partials + 2 * pid, ratio)
     tl.store(partials + 2 * pid + 1, alpha)
@@ -84,7 +87,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
     if HAS_M:
         tl.store(m_ptr + offs, m_new, mask=store)
     u = u + tl.load(decay_vec + t).to(ACC) * x
-    dlr = tl.load(dlr_ptr).to(ACC)
+    dlr = tl.load(dlr_ptr + t).to(ACC)  # the tensor's step c·λ
     tl.store(partials + 3 * pid, tl.sum(g * s, axis=0))
     s = s + dlr * u
     tl.store(s_ptr + offs, s, mask=store)
@@ -92,7 +95,7 @@ def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, num
     tl.store(partials + 3 * pid + 2, tl.max(tl.where(mask, alpha_sq_prev / alpha_sq, 0.0), axis=0))
     if AVERAGING:
         x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
-        x = x * tl.load(averaging).to(ACC) + (x0 - s) * tl.load(averaging + 1).to(ACC)
+        x = x * tl.load(averaging + 2 * t).to(ACC) + (x0 - s) * tl.load(averaging + 2 * t + 1).to(ACC)
     else:
         x = x - dlr * u
     tl.store(x_ptr + offs, to_param(x, X, SR, sr_seeds, t, offs), mask=store)
@@ -108,26 +111,35 @@ def _flags(hp):
     return dict(SCALED=hp["scaling"] == "adam", AMSGRAD=hp["amsgrad"] and hp["scaling"] == "adam")
 
 
-def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor) -> torch.Tensor:
-    """(1, 2) fp64: Σ g²/α² and Σ α² over the batch's elements until n0 is known (``started``), zeros after."""
+def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """(1, 2) fp64: Σ c_t g²/α² and Σ c_t α² over the batch's elements until n0 is known (``started``),
+    zeros after; ``ratios`` the tensors' lr ratios c_t (fp64, one per item). One launch with the rule
+    group's AMSGRAD flag even when groups differ: the pass streams only until the first accepted step
+    with a non-zero gradient, and until then v = v̂max = 0, where both scalings give the same α."""
     hp = opt.rule_group()
     return until_known(batch, started, _start_kernel, 2, lambda it: _state_slots(it, hp),
                        lambda group: (group.geo.slot(1), group.geo.slot(4), group.geo.slot(5), group.geo.numels,
-                                      group.geo.block_tensor, group.geo.block_start, c),
+                                      group.geo.block_tensor, group.geo.block_start, c, group.take(ratios)),
                        warps=4, **_flags(hp))
 
 
-def psdasgd_step(opt, batch, c: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+def psdasgd_step(opt, batch, c: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """``steps``: every tensor's c·λ (fp64, one per item). Tensors launch apart by their group's AMSGrad
+    and primal-averaging switches (compile-time constants)."""
     hp = opt.rule_group()
     decay = batch.per_item("weight_decay")
-    averaging = batch.vector((hp["momentum"], 1.0 - hp["momentum"]))
+    # (items, 2): row t is tensor t's (μ, 1 − μ), read by the kernel at 2t, 2t + 1
+    averaging = batch.vector(v for it in batch.items for v in (it.group["momentum"], 1.0 - it.group["momentum"]))
+    averaging = averaging.view(-1, 2)
     parts = []
-    for group in dtype_groups(batch, lambda it: _state_slots(it, hp)):
+    for group in dtype_groups(batch, lambda it, variant: _state_slots(it, hp),
+                              key=lambda it: (bool(it.group["amsgrad"]), it.group["momentum"] > 0)):
+        amsgrad, averaged = group.variant
         geo = group.geo
         partials = group.partials(3)
         launch(_step_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
-               geo.block_start, c, group.take(decay), dlr, averaging, ok_flag(batch), partials,
-               X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=hp["momentum"] > 0,
-               **group.tiling(warps=8), **_flags(hp), **rounding(batch, group))
+               geo.block_start, c, group.take(decay), group.take(steps), group.take(averaging), ok_flag(batch),
+               partials, X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=averaged,
+               **group.tiling(warps=8), **_flags({**hp, "amsgrad": amsgrad}), **rounding(batch, group))
         parts.append((group, reduce_partials(group, partials, max_columns=(2,))))
     return assemble(batch, parts)

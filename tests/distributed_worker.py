@@ -69,8 +69,16 @@ def _data():
             torch.randn(N_ROWS, 5, generator=gen, dtype=torch.float64))
 
 
-def _groups(model) -> list[dict]:
-    return [{"params": [model[0].weight, model[2].weight]}, {"params": [model[0].bias, model[2].bias]}]
+# per-group options of the second group: an lr ratio of the shared step (the D-Adaptation family's
+# reparametrized statistics must be global sums too) and the per-group hyperparameters of issue 16
+GROUP1 = {"DAdaptSGD": {"lr": 0.5}, "DAdaptAdam": {"lr": 0.5}, "Prodigy": {"lr": 0.5},
+          "PSDASGD": {"lr": 0.5, "momentum": 0.5, "amsgrad": True}, "COCOB": {"lr": 0.5, "alpha": 20.0},
+          "ClippedSGD": {"max_norm": 0.3}}
+
+
+def _groups(model, method: str = "") -> list[dict]:
+    return [{"params": [model[0].weight, model[2].weight]},
+            {"params": [model[0].bias, model[2].bias], **GROUP1.get(method, {})}]
 
 
 def _collectives_during(fn) -> int:
@@ -101,20 +109,20 @@ def run(s: Scenario, rank: int, world: int, device: torch.device) -> dict:
         fully_shard(model[0], mesh=mesh)
         fully_shard(model[2], mesh=mesh)
         fully_shard(model, mesh=mesh)
-        opt = info.make(_groups(model), backend=s.backend)
+        opt = info.make(_groups(model, s.method), backend=s.backend)
         forward = model
     elif s.layout == "ddp":
         forward = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = info.make(_groups(model), backend=s.backend, process_group=dist.group.WORLD)
+        opt = info.make(_groups(model, s.method), backend=s.backend, process_group=dist.group.WORLD)
     else:  # zero: plain leaf tensors, this rank's flat slice of each parameter
         shards = {}
         for name, q in ref.named_parameters():
             shards[name] = q.detach().reshape(-1).tensor_split(world)[rank].clone().requires_grad_()
         by_ref = {id(q): shards[name] for name, q in ref.named_parameters()}
-        groups = [{"params": [by_ref[id(q)] for q in g["params"]]} for g in _groups(ref)]
+        groups = [{**g, "params": [by_ref[id(q)] for q in g["params"]]} for g in _groups(ref, s.method)]
         opt = info.make(groups, backend=s.backend, process_group=dist.group.WORLD, sharded=True)
-    ref_opt = info.make(_groups(ref), backend=s.backend)
+    ref_opt = info.make(_groups(ref, s.method), backend=s.backend)
 
     def shard_of(q: torch.Tensor) -> torch.Tensor:
         return q.detach().reshape(-1).tensor_split(world)[rank]

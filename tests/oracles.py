@@ -256,3 +256,56 @@ class FlatPSDASgd(_FlatAdamScale):
         x = self.mu * x + (1 - self.mu) * (self.x0 - self.s) if self.mu > 0 else x - lam * u
         self.scatter(ps, x)
         self.k += 1
+
+
+class FlatPSDASgdGroups(FlatOptimizer):
+    """PS-DA-SGD with per-group lr, primal averaging μ and AMSGrad, written out on one vector in the
+    original coordinates, from the rule of ``lrfree.methods._dadapt`` (group g: lr = c_g γ):
+
+        n0² = Σ c g²/α²,  d = d0·√(Σ c α² / n),  λ = d γ / n0,  ρ = max(1, √max α²_prev/α²)
+        N ← N/ρ + λ⟨g, s⟩,  s ← s + λ c u,  d̂ = 2N/√(Σ α² s²/c),  x ← μ x + (1−μ)(x0 − s)  or  x − λ c u
+    """
+
+    def __init__(self, param_groups, betas=(0.9, 0.999), eps=1e-8, d0=1e-6):
+        super().__init__(param_groups)
+        self.b1, self.b2 = betas
+        self.eps, self.d0 = eps, d0
+        self.d = self.n0 = None
+        self.numerator = 0.0
+
+    def _per_element(self, key, ps):
+        active = {id(p) for p in ps}
+        return torch.cat([torch.full((p.numel(),), float(g[key]), dtype=torch.float64)
+                          for g in self.param_groups for p in g["params"] if id(p) in active])
+
+    @torch.no_grad()
+    def step(self, loss=None):
+        ps, x, g = self.flat()
+        gamma = max(gr["lr"] for gr in self.param_groups)
+        c = self._per_element("lr", ps) / gamma
+        mu = self._per_element("momentum", ps)
+        ams = self._per_element("amsgrad", ps) != 0
+        t = self.k + 1
+        if self.n0 is None:
+            self.v, self.m, self.vmax = torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g)
+            self.s, self.x0 = torch.zeros_like(x), x.clone()
+        v_prev_hat = torch.where(ams, self.vmax, self.v / (1 - self.b2 ** (t - 1)) if t > 1 else self.v)
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        v_hat = self.v / (1 - self.b2 ** t)
+        self.vmax = torch.where(ams, torch.maximum(self.vmax, v_hat), self.vmax)
+        v_hat = torch.where(ams, self.vmax, v_hat)
+        alpha_sq, alpha_sq_prev = v_hat.sqrt() + self.eps, v_prev_hat.sqrt() + self.eps
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        u = (self.m / (1 - self.b1 ** t) if self.b1 > 0 else g) / alpha_sq
+        if self.n0 is None:
+            self.n0 = math.sqrt(float((c * g * g / alpha_sq).sum()))
+            self.d = self.d0 * math.sqrt(float((c * alpha_sq).sum()) / x.numel())
+        lam = self.d * gamma / self.n0
+        rho = 1.0 if t == 1 else max(1.0, math.sqrt(float((alpha_sq_prev / alpha_sq).max())))
+        self.numerator = self.numerator / rho + lam * float(g @ self.s)
+        self.s = self.s + lam * c * u
+        d_hat = 2 * self.numerator / math.sqrt(float((alpha_sq * self.s * self.s / c).sum()))
+        self.d = max(self.d, d_hat)
+        x = torch.where(mu > 0, mu * x + (1 - mu) * (self.x0 - self.s), x - lam * c * u)
+        self.scatter(ps, x)
+        self.k += 1

@@ -47,16 +47,17 @@ FUSED = {
     "PSSPS-momentum-amsgrad": lambda g, **kw: lrfree.PSSPS(g, betas=(0.9, 0.99), amsgrad=True, smooth=False,
                                                            f_star=0.2, **kw),
 }
-GROUP1 = {  # per-group options that exercise per-tensor coefficient vectors
-    "ClippedSGD": {"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True},
+GROUP1 = {  # per-group options that exercise per-tensor coefficient vectors (lr: a ratio of the shared step)
+    "ClippedSGD": {"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True, "max_norm": 0.2, "eps": 1e-3},
     "DoG": {"weight_decay": 1e-2},
     "LDoG": {"weight_decay": 1e-2},
-    "DAdaptAdam": {"weight_decay": 1e-2, "layer_scale": 0.5, "eps": 1e-6},
-    "Prodigy": {"weight_decay": 1e-2, "d0": 1e-5, "eps": 1e-6},
-    "COCOB": {"weight_decay": 1e-2},
+    "DAdaptSGD": {"lr": 0.3},
+    "DAdaptAdam": {"weight_decay": 1e-2, "layer_scale": 0.5, "eps": 1e-6, "lr": 0.4},
+    "Prodigy": {"weight_decay": 1e-2, "d0": 1e-5, "eps": 1e-6, "lr": 0.4},
+    "COCOB": {"weight_decay": 1e-2, "lr": 0.5, "alpha": 20.0, "eps": 1e-6},
     "Adam": {"weight_decay": 1e-2, "betas": (0.8, 0.99), "maximize": True, "amsgrad": False},
     "AdamW": {"weight_decay": 0.1, "lr": 3e-2},
-    "PSDASGD": {"weight_decay": 1e-2},
+    "PSDASGD": {"weight_decay": 1e-2, "lr": 0.4, "momentum": 0.5, "amsgrad": True},
     "PSSPS": {"weight_decay": 1e-2, "lr": 0.5},
 }
 FLOOR = {torch.float32: 4e-7, torch.bfloat16: 8e-3, torch.float64: 0.0}

@@ -163,15 +163,16 @@ class StepBatch:
         """(len(items),) fp64: Σg² per tensor (over every shard)."""
         return self.sync(self.local_grad_sq)[0]
 
-    def grad_sq_until(self, known: torch.Tensor) -> torch.Tensor:
+    def grad_sq_until(self, known: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """0-d fp64 Σg² over the batch (every shard), for a statistic needed only until the 0-d device
         flag ``known`` is true (D-Adapt SGD's ‖g0‖): :meth:`reduce` of :attr:`grad_sq` when the step has
         it anyway (the guard's pass) or runs the reference; else a small persistent launch that reads the
-        gradients only while ``known`` is false and gives 0 after (``kernels.common.until_known``)."""
+        gradients only while ``known`` is false and gives 0 after (``kernels.common.until_known``).
+        ``weights`` (one fp64 value per tensor, or None) weights each tensor's Σg² (per-group lr ratios)."""
         if not self.fused or "local_grad_sq" in self.__dict__:
-            return self.reduce(self.grad_sq)
+            return self.reduce(self.grad_sq if weights is None else weights * self.grad_sq)
         from lrfree.kernels import common
-        return self.reduce(self.sync(common.grad_sq_until(self, known))[0])
+        return self.reduce(self.sync(common.grad_sq_until(self, known, weights))[0])
 
     def reduce(self, values: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
         """``start`` plus a vector of per-tensor fp64 partials: left to right in the reference (the order

@@ -1,13 +1,43 @@
 """What the D-Adaptation family shares (D-Adapt SGD/Adam, Prodigy, PS-DA-SGD): one global step-size
-multiplier γ taken from the param groups with the reference packages' semantics, and the per-group-d
-option.
+multiplier γ taken from the param groups, per-group lr multipliers, and the per-group-d option.
 
-``per_group_d=False`` (default) is the reference semantics: one d for the whole optimizer, estimated from
-every group's statistics, with the rule's hyperparameters (betas, d0, growth rate, ...) from group 0 and
-group lrs equal or 0. ``per_group_d=True`` steps every param group as its own D-Adaptation optimizer:
-its own d, numerator, step counter and hyperparameters, and its own lr as γ. A group with a very
-different gradient scale (embeddings, norms) then no longer sets the step of the others. It costs one
-set of passes per group (launches × groups) and, under data parallelism, one sync point per group.
+``per_group_d=False`` (default): one d for the whole optimizer, estimated from every group's statistics,
+with the rule's hyperparameters (betas, d0, growth rate, ...) from group 0, as in the reference packages.
+``per_group_d=True`` steps every param group as its own D-Adaptation optimizer: its own d, numerator,
+step counter and hyperparameters, and its own lr as γ. A group with a very different gradient scale
+(embeddings, norms) then no longer sets the step of the others. It costs one set of passes per group
+(launches × groups) and, under data parallelism, one sync point per group.
+
+Per-group lr with one shared d
+------------------------------
+γ is the largest group lr and every group's lr is read as γ·c_g with c_g = lr_g/γ ∈ [0, 1]; the reference
+packages accept only c_g ∈ {0, 1}. A fixed c_g is a reparametrization of group g, and each method runs
+its own rule, unchanged, in the reparametrized coordinates [DERIVED]:
+
+* SGD-direction methods (D-Adapt SGD): x_g = √c_g·u_g. Then ∇_u = √c_g·g and an SGD step λ in u is the
+  step c_g·λ in x. Mapped back to x (s kept as the displacement of x, so x = x0 − s as before)::
+
+      ‖g_0‖² = Σ_g c_g ‖g_{0,g}‖²,  s_g += c_g λ g,  N += λ ⟨g, s⟩ (unchanged),  Q = Σ_g ‖s_g‖² / c_g
+
+  and d estimates the distance in the u coordinates, √(Σ_g ‖x0_g − x*_g‖² / c_g).
+* Adam-direction methods (D-Adapt Adam, Prodigy, PS-DA-SGD), whose direction does not change when a
+  gradient is scaled: x_g = c_g·u_g (then ∇_u = c_g g, which the direction ignores, and a step δ in u
+  moves x by c_g·δ). D-Adapt Adam: group g's ``layer_scale`` r_g becomes r_g·c_g (the reference's own
+  layer_scale *is* this reparametrization, up to ε). Prodigy: the step (and the decoupled decay) × c_g, s accumulates c_g·(d/d0)λ g,
+  the numerator ⟨g, p0 − x⟩ is unchanged. PS-DA-SGD: the step × c_g (s is the displacement),
+  n_0² = Σ c_g ‖g/α‖², rms(α_0)² = Σ c_g α² / n, ‖α ⊙ s‖² → Σ_g ‖α ⊙ s_g‖² / c_g.
+
+The reparametrization is exact up to ε (an exact one would use ε·c_g in group g) and up to weight
+decay, which lrfree scales with the group's lr as torch does (decoupled: the decay step is c_g·wd·λ·x),
+so that a group with lr = 0 never moves — also when it is frozen mid-training — and contributes nothing
+to d (c_g = 0 drops it from every statistic, as the references drop lr-0 groups). Equal lrs (all
+c_g ∈ {0, 1}) give exactly the references' arithmetic. A scheduler that scales every group's lr by one
+factor (StepLR, CosineAnnealingLR, LinearLR, a LambdaLR with one lambda) changes γ, not c. If the ratios
+themselves change during training, the accumulated statistics keep the ratios they were made with,
+except that the denominator of D-Adapt SGD and PS-DA-SGD weights the accumulated s with the current
+1/c_g: exact for fixed ratios; when a ratio drops, d̂ can only drop, which d ignores (it never
+decreases); when one rises, the group's earlier s is counted at the new ratio — an approximation (the
+exact weights would need the unweighted sum of the group's steps, one more state tensor).
 """
 
 from __future__ import annotations
@@ -85,18 +115,17 @@ class DAdaptBase(FusedOptimizer):
         return self.S["d"] * lr * bias_correction
 
     def _shared_lr(self) -> float:
-        """γ: the group's own lr with per-group d; else the largest group lr, and like the references,
-        other groups may only use γ or 0 (frozen)."""
+        """γ: the group's own lr with per-group d; else the largest group lr (see the module docstring
+        for how the other groups' lrs act)."""
         if self.per_group_d:
             return self.rule_group()["lr"]
-        lr = max(group["lr"] for group in self.param_groups)
-        for i, group in enumerate(self.param_groups):
-            if group["lr"] not in (lr, 0.0):
-                raise ValueError(
-                    f"{type(self).__name__} param_groups[{i}]: lr={group['lr']!r} but another group uses "
-                    f"lr={lr!r}; the adapted step is global, so group lrs must all be equal or 0 "
-                    "(or pass per_group_d=True)")
-        return lr
+        return max(group["lr"] for group in self.param_groups)
+
+    def _lr_ratios(self, batch: StepBatch) -> list[float]:
+        """c_t = lr/γ of every tensor of ``batch`` (host floats: lrs live on the host); 0 for lr = 0, and
+        exactly 1.0 for a group whose lr equals γ, so equal lrs reproduce the references bit for bit."""
+        gamma = self._shared_lr()
+        return [it.group["lr"] / gamma if gamma > 0 else 0.0 for it in batch.items]
 
     def _first_rise_d0(self) -> float:
         """The d0 Prodigy compares d with to detect its first rise: the last group's, a quirk of the

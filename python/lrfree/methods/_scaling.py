@@ -32,8 +32,10 @@ def scale_coefficients(hp: dict, t: torch.Tensor) -> torch.Tensor:
                         1 - beta2 ** t, torch.where(bc_prev > 0, bc_prev, one), one * hp["eps"]])
 
 
-def init_scaling_state(opt, p, group) -> dict[str, torch.Tensor]:
-    hp = opt.rule_group(group)
+def init_scaling_state(opt, p, group, hp: dict | None = None) -> dict[str, torch.Tensor]:
+    """The scaling rule's state of ``p``; ``hp`` the hyperparameters it steps with (default: the rule
+    group's)."""
+    hp = opt.rule_group(group) if hp is None else hp
     state = {}
     if hp["scaling"] == "adam":
         state["exp_avg_sq"] = opt.zeros_state(p)

@@ -7,6 +7,16 @@ The norm is global over every parameter of the optimizer, exactly as
 ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` followed by ``torch.optim.SGD`` (with which it
 agrees to rounding; ``eps`` = 1e-6 is the same guard torch uses). With ``momentum=0`` and ``eps=0``
 it is the paper's clipped GD. Unlike the other methods it needs a tuned ``lr`` and ``max_norm``.
+
+Every hyperparameter is per group, ``max_norm`` and ``eps`` included: group g is clipped with
+κ_g = min{1, max_norm_g / (‖g_t‖ + eps_g)}, its own threshold against the one *global* norm. Why the global
+norm and not the group's own: clipping measures how steep the whole objective is (the (L0, L1)-smoothness
+the method is built on is a property of ‖∇f‖, ALGORITHMS §1.1), and per-group norms would make the
+trajectory depend on how the parameters happen to be grouped and turn the clipped step into a different
+direction even with equal thresholds. With the global norm, equal thresholds are exactly
+``clip_grad_norm_`` over every parameter, splitting a group in two with the same settings changes
+nothing, and a per-group threshold is a per-group cap on the step: a group with a larger max_norm is
+clipped later (max_norm = inf: never). ``scalars()["clip_coef"]`` has one entry per group.
 """
 
 from __future__ import annotations
@@ -24,7 +34,8 @@ class ClippedSGD(FusedOptimizer):
     Args:
         params: parameters or param groups.
         lr: learning rate η.
-        max_norm: clipping threshold c on the global gradient norm.
+        max_norm: clipping threshold c on the global gradient norm (per group: the group's own threshold
+            on the global norm).
         momentum: heavy-ball momentum μ (as ``torch.optim.SGD``, no dampening).
         weight_decay: L2 penalty λ added to the clipped gradient.
         nesterov: Nesterov momentum.
@@ -33,7 +44,6 @@ class ClippedSGD(FusedOptimizer):
 
     hyperparameters = {"lr": V.NONNEG, "max_norm": V.POSITIVE_OR_INF, "momentum": V.UNIT_INTERVAL,
                        "weight_decay": V.NONNEG, "nesterov": V.BOOL, "eps": V.NONNEG}
-    shared_hyperparameters = ("max_norm", "eps")
     kernels = "clipped_sgd"
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
@@ -52,26 +62,35 @@ class ClippedSGD(FusedOptimizer):
         return {"momentum_buffer": self.zeros_state(p)} if group["momentum"] > 0 else {}
 
     def initial_scalars(self):
-        return {"clip_coef": 1.0, "grad_norm": 0.0}
+        return {"grad_norm": 0.0}
+
+    def initial_group_scalars(self, group):
+        return {"clip_coef": 1.0}
 
     def _rule(self, grad_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """κ = min(1, max_norm / (‖g‖ + eps)) from the global Σg² (0-d tensors only)."""
-        hp = self.param_groups[0]
+        """κ_g = min(1, max_norm_g / (‖g‖ + eps_g)) for every group, from the global Σg² (device tensors
+        only; the thresholds are host floats)."""
+        groups = self.param_groups
         norm = grad_sq.sqrt()
-        return {"clip_coef": (hp["max_norm"] / (norm + hp["eps"])).clamp_max(1.0), "grad_norm": norm}
+        max_norm = self._coefficient_vector(tuple(float(g["max_norm"]) for g in groups))
+        eps = self._coefficient_vector(tuple(float(g["eps"]) for g in groups))
+        return {"clip_coef": (max_norm / (norm + eps)).clamp_max(1.0), "grad_norm": norm}
 
     def _update(self, batch: StepBatch) -> None:
         new = self._rule(batch.reduce(batch.grad_sq))
-        self._pass("clipped_apply")(batch, new["clip_coef"])
+        # every tensor's κ: its group's
+        clip = new["clip_coef"].index_select(0, batch.index(it.group_index for it in batch.items))
+        self._pass("clipped_apply")(batch, clip)
         for name, value in new.items():
             self._set(name, value, batch.ok)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
     def _ref_clipped_apply(self, batch: StepBatch, clip: torch.Tensor) -> None:
-        for it in batch.items:
+        """``clip``: every tensor's κ (fp64, one per item)."""
+        for i, it in enumerate(batch.items):
             group = it.group
             x = R.up(it.p, it.p)
-            d = R.up(it.g, it.p) * clip
+            d = R.up(it.g, it.p) * clip[i]
             if group["weight_decay"] != 0:
                 d = R.axpy(d, x, group["weight_decay"])
             if group["momentum"] > 0:

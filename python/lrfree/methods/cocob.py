@@ -2,12 +2,19 @@
 
 Coin betting, purely per element (no reductions; ALGORITHMS §4.8)::
 
-    g̃ = (g + wd·x) · γ                       γ = the largest group lr (1 by default; repo HEAD)
+    g̃ = (g + wd·x) · γ                       γ = the element's group lr (1 by default)
     L ← max(L, |g̃|);   θ ← θ − g̃;   G ← G + |g̃|;   R ← max(R − g̃ (x − x_0), 0)
     x ← x_0 + (L + R) θ / (L · max(G + L, α L))
 
 with L initialised to eps. At γ = 1 this is exactly PyPI ``parameterfree`` 0.0.1. One pass, no syncs;
 state 20 B/param (θ, G, L, R, x_0).
+
+Every quantity is per element, so every hyperparameter is per group: a group's lr scales the gradients
+its own bettors see (the reference's repo HEAD scales every group by the largest group lr instead, so a
+group with lr = 0 still moved). With γ = 0 the bettors see g̃ = 0: L, θ, G and R keep their values and x
+is recomputed from them unchanged, so the group never moves and its state stays consistent — it resumes
+where it stopped when its lr is raised again. α (the cap on the early betting fraction) and eps (L's
+initial value) are per group too.
 """
 
 from __future__ import annotations
@@ -24,14 +31,14 @@ class COCOB(FusedOptimizer):
 
     Args:
         params: parameters or param groups.
-        alpha: the cap α on the betting fraction early in training (100).
-        eps: initial value of the per-element gradient bound L.
+        alpha: the cap α on the betting fraction early in training (100; per group).
+        eps: initial value of the per-element gradient bound L (per group).
         weight_decay: coupled L2 penalty.
-        lr: multiplier on the gradients fed to the bettor (largest group value; 1 is the paper's method).
+        lr: multiplier on the gradients fed to the group's bettors (1 is the paper's method; 0 freezes the
+            group).
     """
 
     hyperparameters = {"alpha": V.NONNEG, "eps": V.POSITIVE, "weight_decay": V.NONNEG, "lr": V.NONNEG}
-    shared_hyperparameters = ("alpha", "eps")
     kernels = "cocob"
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
@@ -50,26 +57,25 @@ class COCOB(FusedOptimizer):
                 "reward": z(p), "x0": self.copy_of(p)}
 
     def _update(self, batch: StepBatch) -> None:
-        self._pass("cocob_step")(batch, max(group["lr"] for group in self.param_groups))
+        self._pass("cocob_step")(batch)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
-    def _ref_cocob_step(self, batch: StepBatch, scale: float) -> None:
+    def _ref_cocob_step(self, batch: StepBatch) -> None:
         ok = batch.ok
-        alpha = self.param_groups[0]["alpha"]
         for it in batch.items:
-            st = it.state
+            st, group = it.state, it.group
             x = R.up(it.p, it.p)
             x0 = R.up(st["x0"], it.p)
             g = R.up(it.g, it.p)
-            if it.group["weight_decay"] != 0:
-                g = R.axpy(g, x, it.group["weight_decay"])
-            if scale != 1.0:
-                g = g * scale
+            if group["weight_decay"] != 0:
+                g = R.axpy(g, x, group["weight_decay"])
+            if group["lr"] != 1.0:
+                g = g * group["lr"]
             L = torch.maximum(st["L"], g.abs())
             theta = st["sum_negative_gradients"] - g
             G = st["grad_norm_sum"] + g.abs()
             reward = R.addcmul(st["reward"], g, x - x0, -1.0).clamp_min(0.0)
-            denom = torch.maximum(G + L, L * alpha) * L
+            denom = torch.maximum(G + L, L * group["alpha"]) * L
             x_new = (reward + L) * theta / denom + x0
             for key, value in (("L", L), ("sum_negative_gradients", theta), ("grad_norm_sum", G), ("reward", reward)):
                 R.commit_(st[key], value, ok)

@@ -1,17 +1,23 @@
 """D-Adapt Adam (Defazio & Mishchenko, ICML 2023), semantics of the official ``dadaptation`` 3.2.
 
-One global d (domain G; ALGORITHMS §4.6). Step k, γ = max group lr, r = the group's ``layer_scale``::
+One global d (domain G; ALGORITHMS §4.6). Step k, γ = max group lr, r = the group's ``layer_scale`` times
+its lr ratio c = lr/γ::
 
     λ_k = d_k γ bc_k          (bc_k = √(1−β2^{k+1}) / (1−β1^{k+1}) with bias correction, else 1)
     g ← g + wd·x   (unless decoupled)
     A += r λ_k ⟨g, s / (√v + eps)⟩                      (old s, old v; groups with lr > 0)
     m ← β1 m + r λ_k (1−β1) g;   v ← β2 v + (1−β2) g²;   s ← √β2 s + λ_k (1−√β2) g;   S1 += r ‖s‖₁
     N ← √β2 N + (1−√β2) A;      d_{k+1} = max(d_k, min(N / ((1−√β2) S1), d_k · growth_rate))
-    x ← x − wd λ_k x (if decoupled);   x ← x − m / (√v + eps)
+    x ← x − c wd λ_k x (if decoupled);   x ← x − m / (√v + eps)            (groups with lr > 0)
 
 The update never uses d_{k+1} (m already carries λ_k), so a fused backend needs one pass. Betas, bias
 correction, growth rate and ``decouple`` come from param group 0; eps, weight decay and layer_scale are
-per group, as in the reference. S1 = 0 leaves d and N unchanged (the reference returns early); x is
+per group, as in the reference. A group's lr ratio c is the reparametrization x = c·u of the group
+(methods/_dadapt.py), which is exactly what the reference's ``layer_scale`` does to it, so it multiplies
+layer_scale; the reference accepts only c ∈ {0, 1}. Where lrfree departs from the reference: a group
+with lr = 0 does not move at all (the reference still applies its decoupled weight decay, and a stale m
+if the lr was set to 0 mid-training), as the decoupled decay is scaled by c like every part of the step.
+S1 = 0 leaves d and N unchanged (the reference returns early); x is
 still updated, which differs from the reference only while every gradient so far was exactly zero
 (then only a decoupled weight decay moves x).
 """
@@ -33,7 +39,9 @@ class DAdaptAdam(DAdaptBase):
 
     Args:
         params: parameters or param groups.
-        lr: multiplier γ on the adapted step (1.0).
+        lr: multiplier γ on the adapted step (1.0). Groups may differ: γ is the largest group lr and a
+            group with lr = c·γ steps as if its ``layer_scale`` were c times larger (its step, and its
+            weight in the statistics of d, × c; module docstring); a group with lr = 0 never moves.
         betas: Adam's (β1, β2).
         eps: Adam's ε.
         weight_decay: L2 penalty (coupled) or decoupled weight decay (``decouple=True``).
@@ -87,9 +95,11 @@ class DAdaptAdam(DAdaptBase):
         S, ok = self.S, batch.ok
         lr = self._shared_lr()
         dlr = self._adam_step_size(lr)
+        ratios = self._lr_ratios(batch)
         # one pass: ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor; m, v, s and x updated
-        stats, = batch.sync(self._pass("dadapt_adam_step")(batch, dlr))
-        scale = batch.per_item("layer_scale")
+        stats, = batch.sync(self._pass("dadapt_adam_step")(batch, dlr, ratios))
+        # r = layer_scale × lr ratio: the group's weight in the step and in both statistics of d
+        scale = batch.vector(it.group["layer_scale"] * c for it, c in zip(batch.items, ratios))
         s_l1 = batch.reduce(scale * stats[:, 1])
         proceed = ok & (s_l1 > 0)
         new = self._rule(lr, batch.reduce(scale * dlr * stats[:, 0]), s_l1)
@@ -98,31 +108,32 @@ class DAdaptAdam(DAdaptBase):
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
-    def _ref_dadapt_adam_step(self, batch: StepBatch, dlr: torch.Tensor) -> torch.Tensor:
+    def _ref_dadapt_adam_step(self, batch: StepBatch, dlr: torch.Tensor, ratios: list[float]) -> torch.Tensor:
+        """``ratios``: every tensor's lr ratio c (host floats)."""
         ok = batch.ok
         hp = self.rule_group()
         beta1, beta2 = hp["betas"]
         sqrt_beta2 = beta2 ** 0.5
         decouple = hp["decouple"]
         rows = []
-        for it in batch.items:
+        for it, c in zip(batch.items, ratios):
             group, st = it.group, it.state
-            decay, r, eps = group["weight_decay"], group["layer_scale"], group["eps"]
+            decay, r, eps = group["weight_decay"], group["layer_scale"] * c, group["eps"]
             s, m, v = st["s"], st["exp_avg"], st["exp_avg_sq"]
             x = R.up(it.p, it.p)
-            if group["lr"] > 0:
-                g = R.up(it.g, it.p)
-                if decay != 0 and not decouple:
-                    g = R.axpy(g, x, decay)
-                dot = R.dot(g, s / (v.sqrt() + eps))
-                R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
-                R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
-                s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
-                rows.append(torch.stack([dot, R.l1(s_next)]))
-                R.commit_(s, s_next, ok)
-            else:
+            if group["lr"] <= 0:  # lr = 0: the group's step is 0 (no decay, no stale m either)
                 rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
-            if decay != 0 and decouple:
-                x = R.axpy(x, x, -decay * dlr)
+                continue
+            g = R.up(it.g, it.p)
+            if decay != 0 and not decouple:
+                g = R.axpy(g, x, decay)
+            dot = R.dot(g, s / (v.sqrt() + eps))
+            R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
+            R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
+            s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
+            rows.append(torch.stack([dot, R.l1(s_next)]))
+            R.commit_(s, s_next, ok)
+            if decay != 0 and decouple:  # the decay step is part of the group's step: × c
+                x = R.axpy(x, x, -(decay * c) * dlr)
             R.commit_(it.p, batch.rounded(it, x - m / (v.sqrt() + eps)), ok)
         return torch.stack(rows)

@@ -1,16 +1,19 @@
 """D-Adapt SGD (Defazio & Mishchenko, ICML 2023), semantics of the official ``dadaptation`` 3.2.
 
-One global distance estimate d (domain G; ALGORITHMS §4.5). Step k, with γ = max of the group lrs::
+One global distance estimate d (domain G; ALGORITHMS §4.5). Step k, with γ = max of the group lrs and
+c = lr/γ the group's lr ratio (1 or 0 in the reference, which accepts nothing else)::
 
-    ‖g_0‖: norm of the first non-zero gradient (groups with lr > 0, before weight decay)
+    ‖g_0‖² = Σ c ‖g‖² at the first non-zero gradient (groups with lr > 0, before weight decay)
     λ_k = d_k γ / ‖g_0‖
-    g ← g + wd·x;   N += λ_k ⟨g, s⟩;   s ← s + λ_k g;   Q = ‖s‖²          (groups with lr > 0)
+    g ← g + wd·x;   N += λ_k ⟨g, s⟩;   s ← s + c λ_k g;   Q = Σ ‖s‖² / c     (groups with lr > 0)
     d_{k+1} = max(d_k, min(2N/√Q, d_k · growth_rate))
     x ← β x + (1 − β)(x_0 − s)                                             (β = momentum)
 
-``momentum``, ``weight_decay`` and ``growth_rate`` come from param group 0, like the reference; group
-lrs must all equal γ or be 0. The update of step k does not use d_{k+1}, so a fused backend does it in
-one pass. State: s and x_0 (z = x_0 − s is not stored).
+A group's lr ratio c is D-Adapt SGD run on the reparametrized network x = √c·u (methods/_dadapt.py
+derives it): its step is c times the shared one, and Q measures s in the u coordinates; with c ∈ {0, 1}
+this is the reference's arithmetic exactly. ``momentum``, ``weight_decay`` and ``growth_rate`` come from
+param group 0, like the reference. The update of step k does not use d_{k+1}, so a fused backend does
+it in one pass. State: s and x_0 (z = x_0 − s is not stored).
 
 Where the reference would crash or sync, this implementation is predicated on device: Q = 0 leaves
 x, d and N unchanged; ‖g_0‖ is the first *non-zero* gradient norm (the reference divides by zero when
@@ -43,7 +46,10 @@ class DAdaptSGD(DAdaptBase):
 
     Args:
         params: parameters or param groups.
-        lr: multiplier γ on the adapted step (1.0; schedule it with an lr_scheduler).
+        lr: multiplier γ on the adapted step (1.0; schedule it with an lr_scheduler). Groups may differ:
+            γ is the largest group lr and a group with lr = c·γ takes c times the shared step, with d
+            estimated as D-Adapt SGD on the network reparametrized by x = √c·u (module docstring); a
+            group with lr = 0 never moves and adds nothing to d.
         momentum: primal-averaging momentum β in [0, 1).
         weight_decay: coupled L2 penalty.
         log_every: accepted for compatibility with ``dadaptation``; use :meth:`scalars` to log.
@@ -89,13 +95,19 @@ class DAdaptSGD(DAdaptBase):
     def _update_d(self, batch: StepBatch) -> None:
         hp = self.rule_group()
         lr = self._shared_lr()
-        adapting = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])
-        # Σg² only until ‖g0‖ is known: from the guard's pass, or a small launch that stops streaming then
-        g0_norm, dlr = self._step_size(lr, adapting.grad_sq_until(self.S["g0_norm"] > 0))
+        ratios = self._lr_ratios(batch)
+        keep = [i for i, c in enumerate(ratios) if c > 0]
+        adapting = batch.subset(keep)
+        # ‖g0‖² = Σ c ‖g‖² (the gradient in the reparametrized coordinates is √c g), only until it is
+        # known: from the guard's pass, or a small launch that stops streaming then
+        g0_norm, dlr = self._step_size(lr, adapting.grad_sq_until(self.S["g0_norm"] > 0,
+                                                                  batch.vector(ratios[i] for i in keep)))
         S, ok = self.S, batch.ok
-        # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s and x updated
-        stats, = batch.sync(self._pass("dadapt_sgd_step")(batch, dlr, hp["weight_decay"], hp["momentum"]))
-        s_sq = batch.reduce(stats[:, 1])
+        # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s += c λ g and x updated
+        stats, = batch.sync(self._pass("dadapt_sgd_step")(batch, dlr * batch.vector(ratios), hp["weight_decay"],
+                                                           hp["momentum"]))
+        # Q = Σ ‖s‖²/c: ‖s‖ in the reparametrized coordinates (lr = 0 tensors have no s and weigh 0)
+        s_sq = batch.reduce(batch.vector(1.0 / c if c > 0 else 0.0 for c in ratios) * stats[:, 1])
         # s = 0 everywhere (no gradient yet): nothing to estimate; x moved only toward x0 = x
         proceed = ok & (s_sq > 0)
         new = self._rule(lr, batch.reduce(dlr * stats[:, 0], start=S["numerator"]), s_sq)
@@ -104,11 +116,12 @@ class DAdaptSGD(DAdaptBase):
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
-    def _ref_dadapt_sgd_step(self, batch: StepBatch, dlr: torch.Tensor, decay: float, beta: float) -> torch.Tensor:
+    def _ref_dadapt_sgd_step(self, batch: StepBatch, steps: torch.Tensor, decay: float, beta: float) -> torch.Tensor:
+        """``steps``: every tensor's c λ (fp64, one per item)."""
         ok = batch.ok
         averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
         rows = []
-        for it in batch.items:
+        for i, it in enumerate(batch.items):
             x = R.up(it.p, it.p)
             g = R.up(it.g, it.p)
             if decay != 0:
@@ -116,7 +129,7 @@ class DAdaptSGD(DAdaptBase):
             s = it.state["s"]
             if it.group["lr"] > 0:
                 dot = R.dot(g, s)
-                s_next = R.axpy(s, g, dlr)
+                s_next = R.axpy(s, g, steps[i])
                 rows.append(torch.stack([dot, R.sumsq(s_next)]))
                 R.commit_(s, s_next, ok)
             else:

@@ -1,14 +1,21 @@
 """Prodigy (Mishchenko & Defazio, ICML 2024), semantics of the official ``prodigyopt`` 1.1.2.
 
-One global d (domain G; ALGORITHMS §4.7). Step k, γ = max group lr, J = every ``slice_p``-th element::
+One global d (domain G; ALGORITHMS §4.7). Step k, γ = max group lr, c = the group's lr ratio lr/γ,
+J = every ``slice_p``-th element::
 
     λ_k = d_k γ bc_k;     R ← β3 R
     g ← g + wd·x   (unless decoupled)
     ΔR += (d_k/d0) λ_k ⟨g_J, p0 − x_J⟩                                   (groups with lr > 0)
-    m ← β1 m + d_k (1−β1) g;   v ← β2 v + d_k² (1−β2) g²;   s ← β3 s + (d_k/d0) λ_k g_J;   S1 += ‖s‖₁
+    m ← β1 m + d_k (1−β1) g;   v ← β2 v + d_k² (1−β2) g²;   s ← β3 s + c (d_k/d0) λ_k g_J;   S1 += ‖s‖₁
     R ← R + ΔR;   d̂ = d_coef R / S1;   d ← max(d, d̂) only while d = d0;   d_max ← max(d_max, d̂)
     d_{k+1} = min(d_max, d · growth_rate)
-    x ← x − wd λ_k x (if decoupled);   x ← x − λ_k m / (√v + d_{k+1} eps)   (β1 = 0: λ_k d_{k+1} g / (...))
+    x ← x − c wd λ_k x (if decoupled);   x ← x − c λ_k m / (√v + d_{k+1} eps)   (β1 = 0: c λ_k d_{k+1} g / (...))
+
+A group's lr ratio c is Prodigy run on the reparametrized network x = c·u (methods/_dadapt.py): the
+group's step is c times the shared one, s (the denominator's statistic) sees the gradient c·g of the u
+coordinates, and the numerator ⟨g, p0 − x⟩ = ⟨c g, (p0 − x)/c⟩ does not change. The reference accepts only
+c ∈ {0, 1}, where this is its arithmetic; lrfree departs from it for a group with lr = 0 and decoupled
+weight decay, which the reference still decays and lrfree leaves in place (the decay is part of the step).
 
 The update uses d_{k+1} (inside ε, and fully when β1 = 0), so an exact fused backend needs two passes.
 ``safeguard_warmup`` replaces λ_k by d_k in the s update. Betas, β3, d_coef, growth rate, decouple and
@@ -34,7 +41,9 @@ class Prodigy(DAdaptBase):
 
     Args:
         params: parameters or param groups.
-        lr: multiplier γ on the adapted step (1.0).
+        lr: multiplier γ on the adapted step (1.0). Groups may differ: γ is the largest group lr and a
+            group with lr = c·γ takes c times the shared step, with d estimated as Prodigy on the network
+            reparametrized by x = c·u (module docstring); a group with lr = 0 never moves.
         betas: Adam's (β1, β2); β1 = 0 drops the first moment.
         beta3: decay of the D-estimate EMAs (None: √β2).
         eps: Adam's ε (scaled by d).
@@ -107,25 +116,28 @@ class Prodigy(DAdaptBase):
         lr = self._shared_lr()
         d = S["d"]
         dlr = self._adam_step_size(lr)
+        ratios = batch.vector(self._lr_ratios(batch))
         # pass A: ⟨g_J, p0 − x_J⟩ and ‖s_new‖₁ per tensor; m, v and s updated
-        stats, = batch.sync(self._pass("prodigy_stats")(batch, d, dlr))
+        stats, = batch.sync(self._pass("prodigy_stats")(batch, d, dlr, ratios))
         denominator = batch.reduce(stats[:, 1])
         proceed = ok & (denominator > 0)
         new = self._rule(lr, batch.reduce((d / batch.per_item("d0")) * dlr * stats[:, 0]), denominator)
-        # pass B: the update, with the new d inside ε
-        self._pass("prodigy_apply")(batch, dlr, new.get("d", d), proceed)
+        # pass B: the update (each tensor's step c λ), with the new d inside ε
+        self._pass("prodigy_apply")(batch, dlr * ratios, new.get("d", d), proceed)
         new["step_size"] = dlr
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
-    def _ref_prodigy_stats(self, batch: StepBatch, d: torch.Tensor, dlr: torch.Tensor) -> torch.Tensor:
+    def _ref_prodigy_stats(self, batch: StepBatch, d: torch.Tensor, dlr: torch.Tensor,
+                           ratios: torch.Tensor) -> torch.Tensor:
+        """``ratios``: every tensor's lr ratio c (fp64, one per item)."""
         ok = batch.ok
         hp = self.rule_group()
         beta1, beta2 = hp["betas"]
         beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
         rows = []
-        for it in batch.items:
+        for i, it in enumerate(batch.items):
             group, st = it.group, it.state
             if group["lr"] <= 0:
                 rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
@@ -140,16 +152,18 @@ class Prodigy(DAdaptBase):
             v = st["exp_avg_sq"]
             R.commit_(v, R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
             weight = d if group["safeguard_warmup"] else dlr
-            s_next = R.axpy(st["s"] * beta3, g_j, (d / group["d0"]) * weight)
+            s_next = R.axpy(st["s"] * beta3, g_j, (d / group["d0"]) * weight * ratios[i])
             rows.append(torch.stack([dot, R.l1(s_next)]))
             R.commit_(st["s"], s_next, ok)
         return torch.stack(rows)
 
-    def _ref_prodigy_apply(self, batch: StepBatch, dlr: torch.Tensor, d_new: torch.Tensor,
+    def _ref_prodigy_apply(self, batch: StepBatch, steps: torch.Tensor, d_new: torch.Tensor,
                            proceed: torch.Tensor) -> None:
+        """``steps``: every tensor's c λ (fp64, one per item)."""
         hp = self.rule_group()
-        for it in batch.items:
+        for i, it in enumerate(batch.items):
             group, st = it.group, it.state
+            dlr = steps[i]
             x = R.up(it.p, it.p)
             g = self._coupled_gradient(it, x)
             denom = st["exp_avg_sq"].sqrt() + d_new * group["eps"]

@@ -20,6 +20,11 @@ any constant leaves the trajectory unchanged up to ε (that is why d starts at d
 first insight, that multiplying all α by one constant must not change the update); d never decreases,
 so a tensor whose gradient vanishes early cannot stop the others (the paper's second insight).
 
+Group lrs may differ: γ_t is the largest and a group with lr = c·γ_t is PS-DA-SGD on the network
+reparametrized by x = c·u (methods/_dadapt.py): its step (weight decay included) is c λ_t u, s is kept as
+the displacement of x so the numerator does not change, n_0² = Σ c ‖g/α‖², rms(α_0)² = Σ c α²/n and
+‖α ⊙ s‖² = Σ ‖α ⊙ s‖²/c; equal lrs are the plain rule. A group with lr = 0 is not touched.
+
 "A momentum of 0.9" is read as Adam's β1 = 0.9 (the default), with no primal averaging: measured on
 a char-level transformer, the EMA reading trains much better than averaging (README has the numbers).
 The update of step t does not use d_{t+1}, so a fused backend needs one pass per step (plus one extra
@@ -45,22 +50,26 @@ class PSDASGD(DAdaptBase):
 
     Args:
         params: parameters or param groups.
-        lr: multiplier γ_t on the adapted step (1.0; schedule it with an lr_scheduler).
-        momentum: D-Adapt SGD's primal-averaging momentum μ (0 by default; see module docstring).
+        lr: multiplier γ_t on the adapted step (1.0; schedule it with an lr_scheduler). Groups may differ:
+            γ_t is the largest group lr and a group with lr = c·γ_t takes c times the shared step, with d
+            estimated on the network reparametrized by x = c·u (module docstring); lr = 0 freezes a group.
+        momentum: D-Adapt SGD's primal-averaging momentum μ (0 by default; see module docstring; per group).
         betas: (β1, β2): β1 is the momentum of the direction (an EMA of gradients, as in Adam), β2
             the decay of the second moment that defines the scale α.
         eps: ε in α² = √v̂ + ε.
         d0: initial distance estimate, in original (unscaled) coordinates.
         growth_rate: cap on the per-step growth of d (inf: uncapped).
         weight_decay: decoupled weight decay (AdamW-style, per group).
-        amsgrad: AMSGrad scaling (α never decreases), the setting of the paper's convergence proof.
+        amsgrad: AMSGrad scaling (α never decreases), the setting of the paper's convergence proof (per
+            group; the max-scale-ratio shrink is then 1 only if every group uses it).
         scaling: ``"adam"`` (default) or ``"none"`` (α ≡ 1, i.e. D-Adapt SGD; for testing).
     """
 
     hyperparameters = {"lr": V.NONNEG, "momentum": V.UNIT_INTERVAL, "betas": V.betas(), "eps": V.POSITIVE,
                        "d0": V.POSITIVE, "growth_rate": V.GROWTH, "weight_decay": V.NONNEG, "amsgrad": V.BOOL,
                        "scaling": V.choice("adam", "none")}
-    shared_hyperparameters = ("momentum", "betas", "eps", "d0", "growth_rate", "amsgrad", "scaling")
+    # momentum (primal averaging) and amsgrad are per group (see _group_hp); the rest define the one rule
+    shared_hyperparameters = ("betas", "eps", "d0", "growth_rate", "scaling")
     kernels = "ps_dasgd"
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -77,10 +86,19 @@ class PSDASGD(DAdaptBase):
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
 
+    def _group_hp(self, group: dict) -> dict:
+        """The hyperparameters a tensor of ``group`` steps with: the rule group's, with the group's own
+        ``momentum`` and ``amsgrad``. Both are sound per group: primal averaging only post-processes the
+        group's own iterate (x = μx + (1−μ)(x0 − s), nothing the estimate of d reads), and an AMSGrad
+        group only keeps its own α from decreasing — the max-scale-ratio ρ is the max over every tensor,
+        so it is 1 exactly when every group uses AMSGrad."""
+        return {**self.rule_group(group), "momentum": group["momentum"], "amsgrad": group["amsgrad"]}
+
     def init_state(self, p, group):
-        state = init_scaling_state(self, p, group)
+        hp = self._group_hp(group)
+        state = init_scaling_state(self, p, group, hp)
         state["s"] = self.zeros_state(p)
-        if self.rule_group(group)["momentum"] > 0:
+        if hp["momentum"] > 0:
             state["x0"] = self.copy_of(p)
         return state
 
@@ -108,26 +126,32 @@ class PSDASGD(DAdaptBase):
         hp = self.rule_group()
         lr = self._shared_lr()
         t = S["steps"] + 1
-        sub = batch.subset([i for i, it in enumerate(batch.items) if it.group["lr"] > 0])  # lr = 0: frozen
+        keep = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]  # lr = 0: frozen
+        sub = batch.subset(keep)
         if not sub.items:
             return
+        # per-tensor lr ratios c (methods/_dadapt.py: the network reparametrized by x = c·u, where the
+        # scaled gradient is √c g/α and α² becomes c α²)
+        ratios = self._lr_ratios(sub)
+        ratio_vec = sub.vector(ratios)
         coefficients = scale_coefficients(hp, t)
         # n_0 and rms(α_0) come from the first step with a non-zero gradient (fused: a small persistent
         # launch that streams nothing after that, and gives the global sums as one (1, 2) row)
-        start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0)
+        start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0, ratio_vec)
         n_elements = torch.full((), float(sum(it.p.numel() for it in sub.items)), dtype=torch.float64,
                                 device=batch.device)
         start, n_elements = sub.sync(start, n_elements)
         g0_norm, d, dlr = self._step_size(lr, sub.reduce(start[:, 0]), sub.reduce(start[:, 1]), n_elements)
         ok = batch.ok
-        # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated
-        stats = self._pass("psdasgd_step")(sub, coefficients, dlr)
+        # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated (step c λ)
+        stats = self._pass("psdasgd_step")(sub, coefficients, dlr * ratio_vec)
         sums, = sub.sync(stats[:, :2])
         # (a tensor without elements reduces to max = -inf: clamp before the square root)
         max_ratio = sub.sync_max(stats[:, 2].max())
         stats = torch.cat([sums, stats[:, 2:]], dim=1)
         ratio = torch.where(t > 1, max_ratio.clamp_min(1.0).sqrt(), torch.ones_like(t))
-        weighted_sq = sub.reduce(stats[:, 1])
+        # ‖α ⊙ s‖ in the reparametrized coordinates: Σ ‖α ⊙ s‖² / c (s is the displacement of x)
+        weighted_sq = sub.reduce(sub.vector(1.0 / c for c in ratios) * stats[:, 1])
         proceed = ok & (weighted_sq > 0)
         new = self._rule(lr, d, sub.reduce(dlr * stats[:, 0], start=S["numerator"] / ratio), weighted_sq)
         new.update(g0_norm=g0_norm, step_size=dlr, scale_ratio=ratio)
@@ -138,24 +162,25 @@ class PSDASGD(DAdaptBase):
     # -- torch reference passes --------------------------------------------------------------------
     def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
         t = self.S["steps"] + 1
-        return [ScaledStep(self.rule_group(), it.state, R.up(it.g, it.p), t) for it in batch.items]
+        return [ScaledStep(self._group_hp(it.group), it.state, R.up(it.g, it.p), t) for it in batch.items]
 
-    def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started) -> torch.Tensor:
+    def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started, ratios: torch.Tensor) -> torch.Tensor:
         rows = []
-        for it, st in zip(batch.items, self._scaled_steps(batch)):
+        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
             g = R.up(it.g, it.p)
             rows.append(torch.stack([(g * g / st.alpha_sq).to(torch.float64).sum(),
-                                     st.alpha_sq.to(torch.float64).sum()]))
+                                     st.alpha_sq.to(torch.float64).sum()]) * ratios[i])
         return torch.stack(rows)
 
-    def _ref_psdasgd_step(self, batch: StepBatch, coefficients, dlr: torch.Tensor) -> torch.Tensor:
+    def _ref_psdasgd_step(self, batch: StepBatch, coefficients, steps: torch.Tensor) -> torch.Tensor:
+        """``steps``: every tensor's c λ (fp64, one per item)."""
         ok = batch.ok
-        hp = self.rule_group()
         t = self.S["steps"] + 1
-        momentum = hp["momentum"]
-        averaging = 1.0 - momentum
         rows = []
-        for it, st in zip(batch.items, self._scaled_steps(batch)):
+        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
+            dlr = steps[i]
+            momentum = it.group["momentum"]
+            averaging = 1.0 - momentum
             x = R.up(it.p, it.p)
             g = R.up(it.g, it.p)
             u = st.direction
