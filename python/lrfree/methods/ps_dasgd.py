@@ -89,7 +89,7 @@ class PSDASGD(DAdaptBase):
     def _group_hp(self, group: dict) -> dict:
         """The hyperparameters a tensor of ``group`` steps with: the rule group's, with the group's own
         ``momentum`` and ``amsgrad``. Both are sound per group: primal averaging only post-processes the
-        group's own iterate (x = μx + (1−μ)(x0 − s), nothing the estimate of d reads), and an AMSGrad
+        group's own iterate (x = μx + (1−μ)(x0 − s); d's statistics read s and the gradients, not μ), and an AMSGrad
         group only keeps its own α from decreasing — the max-scale-ratio ρ is the max over every tensor,
         so it is 1 exactly when every group uses AMSGrad."""
         return {**self.rule_group(group), "momentum": group["momentum"], "amsgrad": group["amsgrad"]}
