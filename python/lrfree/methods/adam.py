@@ -48,7 +48,7 @@ class Adam(FusedOptimizer):
                  master_weights: bool = False,
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        defaults = dict(lr=lr, betas=V.as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
