@@ -423,6 +423,11 @@ def test_state_dict_of_the_torch_optim_counterpart_loads(info, amsgrad):
     train(ours, ours_params, 3, start=3)
     for k in params:
         torch.testing.assert_close(ours_params[k], params[k], rtol=1e-12, atol=1e-14)
+    for other in TORCH_COUNTERPARTS:  # a torch optimizer's state dict loads into its own counterpart only
+        if other is not info:
+            foreign = getattr(torch.optim, other.name)(model()[1])
+            with pytest.raises(ValueError, match="use lrfree"):
+                info.make(model()[1]).load_state_dict(foreign.state_dict())
 
 
 @pytest.mark.parametrize("info", INFOS, ids=IDS)
