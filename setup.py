@@ -73,7 +73,8 @@ setup(
     package_data={"lrfree.csrc": ["*.cuh", "*.h", "*.cpp", "*.cu"]},
     install_requires=["torch>=2.11,<2.14", "numpy", "triton>=3.6,<3.10; platform_system == 'Linux'"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *DEMO, "ninja", "pybind11",
+        # expecttest: torch.testing._internal.common_optimizers (the OptimizerInfo of test_conformance) imports it
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "expecttest", *DEMO, "ninja", "pybind11",
                  *REFERENCE_PACKAGES, *NVCC],
         "demo": DEMO,
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,

@@ -47,6 +47,24 @@ def test_step_reads_nothing_back(info, monkeypatch):
         opt.scalars()
 
 
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
+def test_closure_values_and_complex_parameters_read_nothing_back(info, monkeypatch):
+    """The drop-in paths as well: a closure's (1,)-shaped loss (of any shape for a method that does not
+    read the loss; its finiteness is reduced on the device) and a complex parameter (its real view)."""
+    params = make_params(torch.float32)
+    z = torch.randn(4, 3, dtype=torch.complex64, requires_grad=True)
+    opt = info.make(param_groups(params) + [{"params": [z]}])
+    for t in range(2):
+        opt.zero_grad()
+        loss = loss_fn(params, t)
+        loss.backward()
+        z.grad = torch.randn_like(z)
+        value = loss.detach().reshape(1) if info.needs_loss else loss.detach().expand(3)
+        with monkeypatch.context() as m:
+            forbid_syncs(m)
+            assert opt.step(lambda: value) is value
+
+
 def test_the_guard_catches_a_sync(monkeypatch):
     """The harness itself: a step that calls .item() is caught."""
     t = torch.ones(())

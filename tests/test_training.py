@@ -306,8 +306,8 @@ def test_step_inside_a_compiled_training_step_never_recompiles(info, tensor_lr):
 
 
 @pytest.mark.parametrize("lr,error,match", [
-    (torch.tensor([1.0]), TypeError, "0-d real floating-point tensor"),
-    (torch.tensor(1), TypeError, "0-d real floating-point tensor"),
+    (torch.tensor([1.0, 2.0]), ValueError, r"exactly 1 element.*\(2,\)"),
+    (torch.tensor(1), TypeError, "real floating-point tensor"),
     (torch.tensor(-1.0), ValueError, "invalid lr"),
     (torch.tensor(1.0, device="meta"), ValueError, "keep a tensor lr on the CPU"),
 ])

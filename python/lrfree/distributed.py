@@ -41,6 +41,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def local_real(t: torch.Tensor) -> torch.Tensor:
+    """What a step reads and writes of parameter or gradient ``t``: its :func:`local` part, and for a
+    complex tensor that part viewed as real numbers (``torch.view_as_real``: the real and imaginary parts
+    as a last dimension of 2, sharing storage), as torch's optimizers step complex parameters. Every
+    method is element-wise or norm-based, and Σ|z|² over the real view is the complex norm²."""
+    t = local(t)
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 @dataclass(frozen=True)
 class ShardLayout:
     """Where the optimizer's tensors live across ranks, and the collectives that make statistics global."""
@@ -54,6 +63,9 @@ class ShardLayout:
 
     def all_reduce_max_(self, flat: torch.Tensor) -> None:
         dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.group)
+
+    def __deepcopy__(self, memo: dict) -> "ShardLayout":
+        return self  # a copy of the optimizer runs on the same ranks: the process group is shared, not copied
 
 
 def layout_for(owner: str, params: Iterable[torch.Tensor], process_group: Any, sharded: bool | None

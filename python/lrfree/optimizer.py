@@ -6,19 +6,18 @@ One step is always the same pipeline (see ARCHITECTURE §1)::
                  ─► apply (element-wise update, committed only if the step is accepted)
 
 This module owns everything that is not a method's math: param groups and their validation, lazy
-state, the device-resident scalar store, the non-finite guard, ``scalars()``, ``state_dict`` /
-``load_state_dict`` and backend selection. Nothing in :meth:`FusedOptimizer.step` reads a device
-value on the host, so a step never synchronizes and can be captured in a CUDA graph.
+state, the device-resident scalar store, the non-finite guard, ``scalars()`` and backend selection.
+Checkpoints (``state_dict``, ``load_state_dict``, copy and pickle) are in :mod:`lrfree.state_dict`.
+Nothing in :meth:`FusedOptimizer.step` reads a device value on the host, so a step never synchronizes
+and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import importlib
 import numbers
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
@@ -27,11 +26,10 @@ import torch
 from . import validation as V
 from .backends import resolve_backend, validate_backend
 from .backends import torch_ref as R
-from .distributed import layout_for, local
+from .distributed import layout_for, local_real
+from .state_dict import Checkpointing
 
 __all__ = ["FusedOptimizer", "StepBatch", "Item"]
-
-STATE_DICT_FORMAT = 1
 
 # Domains a scalar of the store can live on (ALGORITHMS §0): one value for the whole optimizer, one per
 # param group, or one per parameter tensor (indexed by the tensor's position across all groups).
@@ -222,7 +220,7 @@ def _real_scalar(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
     """Base class: param groups, lazy state, scalar store, non-finite guard and backend dispatch.
 
     Subclasses provide
@@ -286,10 +284,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group["params"][0].device if group["params"] else None)
             for j, p in enumerate(group["params"]):
                 V.validate_param(owner, group, index, j, p)
-                if self.stochastic_rounding and p.dtype == torch.float16:
-                    raise ValueError(f"{owner}: {V.param_label(group, index, j, p)} is float16; stochastic_rounding "
-                                     "rounds bfloat16 parameters (fp32/fp64 ones are unaffected); use "
-                                     "master_weights=True for float16")
+                if self.stochastic_rounding and V.real_dtype(p) == torch.float16:
+                    dtype = str(p.dtype).removeprefix("torch.")
+                    raise ValueError(f"{owner}: {V.param_label(group, index, j, p)} is {dtype}; "
+                                     "stochastic_rounding rounds bfloat16 parameters (fp32/fp64 ones are "
+                                     "unaffected); use master_weights=True for float16")
                 if p.device != expected:
                     raise ValueError(
                         f"{owner}: {V.param_label(group, index, j, p)} is on {p.device} but other "
@@ -426,7 +425,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         return {k: v.detach().clone() for k, v in self._scalar_store.items()}
 
     # ------------------------------------------------------------------ step
-    def _loss_tensor(self, loss: Any) -> torch.Tensor | None:
+    def _loss_tensor(self, loss: Any, from_closure: bool = False) -> torch.Tensor | None:
+        """The step's loss as a 0-d fp64 device tensor (None: no loss).
+
+        A method that reads the loss (``requires_loss``) needs one real value: a number, or a 1-element
+        tensor of any shape. The others only check it for finiteness, so they take a tensor of any shape
+        (its 0-d stand-in is NaN where any element is non-finite), and ignore whatever else a closure
+        returns, as torch's optimizers do.
+        """
         owner = type(self).__name__
         if loss is None:
             if self.requires_loss:
@@ -435,14 +441,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                     "0-d loss tensor whose gradient was just computed, or step(closure)")
             return None
         if isinstance(loss, torch.Tensor):
-            if loss.dim() != 0:
-                raise ValueError(f"{owner}.step: loss must be a 0-d tensor or a number, got a tensor of "
-                                 f"shape {tuple(loss.shape)} (reduce it with .mean() or .sum() first)")
-            if not (loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)):
+            loss = loss.detach()
+            readable = loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)
+            if loss.numel() == 1 and readable:
+                return loss.reshape(()).to(device=self.device, dtype=torch.float64)
+            if not self.requires_loss:
+                finite = torch.isfinite(loss).all().to(self.device)
+                return torch.where(finite, 0.0, torch.nan).to(torch.float64)
+            if not readable:
                 raise TypeError(f"{owner}.step: loss must be a real floating-point tensor, got {loss.dtype}")
-            return loss.detach().to(device=self.device, dtype=torch.float64)
+            raise ValueError(f"{owner}.step: loss must be a 0-d tensor (or any 1-element tensor) or a number, "
+                             f"got a tensor of shape {tuple(loss.shape)} (reduce it with .mean() or .sum() first)")
         if _real_scalar(loss):
             return torch.full((), float(loss), dtype=torch.float64, device=self.device)
+        if from_closure and not self.requires_loss:
+            return None
         raise TypeError(f"{owner}.step: loss must be a 0-d tensor or a real number, got {type(loss).__name__}")
 
     def _gather(self) -> list[Item]:
@@ -466,20 +479,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                             self.state[p] = state
                     if "master" in state:  # the method steps the fp32 master with an fp32 copy of the gradient
                         buf = self._master_grads.get(p)
-                        if buf is None or buf.shape != p.shape:
+                        if buf is None or buf.shape != state["master"].shape:
                             buf = self._master_grads[p] = torch.empty_like(state["master"])
-                        buf.copy_(local(g))
+                        buf.copy_(local_real(g))
                         items.append(Item(state["master"], buf, group, gi, flat_index, state, p))
-                    else:  # a sharded (DTensor) parameter steps its local shard, in place
-                        items.append(Item(local(p), local(g), group, gi, flat_index, state, p))
+                    else:  # a sharded (DTensor) parameter steps its local shard, a complex one its real view
+                        items.append(Item(local_real(p), local_real(g), group, gi, flat_index, state, p))
                 flat_index += 1
         return items
 
     def _new_state(self, p: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
         """A parameter's initial state: the method's, plus the fp32 master copy under ``master_weights``
         (the method's state is then initialized from the master, so anchors such as x0 are fp32 too).
-        A sharded (DTensor) parameter's state covers its local shard."""
-        p = local(p)
+        A sharded (DTensor) parameter's state covers its local shard, a complex one's its real view."""
+        p = local_real(p)
         if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
             master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
             return {**self.init_state(master, group), "master": master}
@@ -488,7 +501,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _stepped(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the steps of parameter ``p`` update: its fp32 master, its local shard, or ``p``."""
         state = self.state.get(p)
-        return state["master"] if state and "master" in state else local(p)
+        return state["master"] if state and "master" in state else local_real(p)
 
     def _round_masters_into_params(self) -> None:
         params, masters = [], []
@@ -496,7 +509,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if p.grad is not None and state and "master" in state:
-                    params.append(local(p))
+                    params.append(local_real(p))
                     masters.append(state["master"])
         if params:
             torch._foreach_copy_(params, masters)
@@ -511,20 +524,23 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: re-evaluates the model and returns the loss (optional).
-            loss: the loss whose gradient is in ``.grad``, as a 0-d tensor (kept on device) or a
-                number. Required by Polyak-type methods; for the others it is only checked for
-                finiteness.
+            loss: the loss whose gradient is in ``.grad``, as a 0-d (or any 1-element) tensor, kept on
+                device, or a number. Required by Polyak-type methods; for the others it is only checked
+                for finiteness, and may have any shape.
 
-        A non-finite loss or gradient skips the step on device: parameters and optimizer state stay
-        bit-identical and ``scalars()['skipped']`` counts it.
+        Returns what the closure returned (else ``loss``), as torch's optimizers do. A non-finite loss or
+        gradient skips the step on device: parameters and optimizer state stay bit-identical and
+        ``scalars()['skipped']`` counts it.
         """
-        if closure is not None:
+        from_closure = closure is not None
+        if from_closure:
             if loss is not None:
                 raise ValueError(f"{type(self).__name__}.step: pass either closure or loss, not both")
             with torch.enable_grad():
                 loss = closure()
         with self._lr_as_floats():
-            return self._step(loss)
+            self._step(self._loss_tensor(loss, from_closure=from_closure))
+        return loss
 
     @contextlib.contextmanager
     def _lr_as_floats(self):
@@ -544,13 +560,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             for i, lr in tensors.items():
                 self.param_groups[i]["lr"] = lr
 
-    def _step(self, loss: Any) -> Any:
-        loss_t = self._loss_tensor(loss)
+    def _step(self, loss_t: torch.Tensor | None) -> None:
         items = self._gather()
         if items:
             self._unscale_for_grad_scaler(items)
         if not items:
-            return loss
+            return
         self._sync_store()
         if self._backend == "cuda":  # the fused passes' launches run the extension's kernels
             from lrfree.kernels.multi_tensor import kernel_target
@@ -563,7 +578,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._fused_step(items, loss_t)
         if self.master_weights:
             self._round_masters_into_params()
-        return loss
 
     def _unscale_for_grad_scaler(self, items: list[Item]) -> None:
         """Divide the gradients by GradScaler's scale on the device (None once the user unscaled them)."""
@@ -600,105 +614,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             batch._finish_inputs(*inputs, world_size=1)
         self._update(batch)
         self._scalar_store["skipped"].add_((~batch.ok).to(torch.float64))
-
-    # ------------------------------------------------------------------ state dict
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        self._sync_store()
-        sd["lrfree"] = {
-            "format": STATE_DICT_FORMAT,
-            "method": type(self).__name__,
-            "scalars": {k: v.detach().clone() for k, v in self._scalar_store.items()},
-            "domains": dict(self._scalar_domain),
-        }
-        return sd
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Load a state dict saved by the same method, on any device or backend.
-
-        Everything is validated before anything is changed: a mismatched or corrupt state dict raises
-        ``ValueError`` and leaves the optimizer as it was. State tensors keep lrfree's dtype policy
-        (fp32 state for low-precision parameters) rather than being cast to the parameter dtype.
-        """
-        owner = type(self).__name__
-        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
-            raise ValueError(f"{owner}.load_state_dict: expected a dict with 'state' and 'param_groups'")
-        meta = state_dict.get("lrfree")
-        if not isinstance(meta, Mapping) or meta.get("format") != STATE_DICT_FORMAT:
-            raise ValueError(f"{owner}.load_state_dict: not an lrfree state dict (missing or unknown 'lrfree' "
-                             "entry); it was not saved by an lrfree optimizer of this version")
-        if meta.get("method") != owner:
-            raise ValueError(f"{owner}.load_state_dict: the state dict was saved by {meta.get('method')}, "
-                             f"not {owner}")
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"{owner}.load_state_dict: {len(saved_groups)} param groups saved, "
-                             f"{len(self.param_groups)} in this optimizer")
-        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(sg["params"]) != len(g["params"]):
-                raise ValueError(f"{owner}.load_state_dict: param_groups[{i}] has {len(sg['params'])} params "
-                                 f"saved but {len(g['params'])} here")
-        new_groups = []
-        for i, (sg, g) in enumerate(zip(saved_groups, self.param_groups)):
-            ng = copy.deepcopy({k: v for k, v in sg.items() if k != "params"})
-            missing = set(g) - set(ng) - {"params", "param_names"}
-            if missing:
-                raise ValueError(f"{owner}.load_state_dict: param_groups[{i}] lacks {sorted(missing)}")
-            self._validate_hyperparameters(f"{owner}.load_state_dict", i, ng, new_groups[0] if new_groups else ng)
-            ng["params"] = g["params"]
-            if "param_names" in g and "param_names" not in ng:
-                ng["param_names"] = g["param_names"]
-            new_groups.append(ng)
-
-        id_map = {}
-        for sg, ng in zip(saved_groups, new_groups):
-            for pid, p in zip(sg["params"], ng["params"]):
-                id_map[pid] = (p, ng)
-        new_state: dict = {}
-        for pid, saved in state_dict["state"].items():
-            if pid not in id_map:
-                raise ValueError(f"{owner}.load_state_dict: state for unknown parameter id {pid!r}")
-            if isinstance(saved, Mapping) and not saved:
-                continue  # a parameter that has not stepped yet
-            p, ng = id_map[pid]
-            template = self._new_state(p, ng)
-            if not isinstance(saved, Mapping) or set(saved) != set(template):
-                got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-                raise ValueError(f"{owner}.load_state_dict: state of parameter {pid} has keys {got}, "
-                                 f"expected {sorted(template)}")
-            entry = {}
-            for key, ref in template.items():
-                value = saved[key]
-                if not isinstance(value, torch.Tensor) or value.shape != ref.shape:
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(f"{owner}.load_state_dict: state[{pid}][{key!r}] is {shape}, "
-                                     f"expected a tensor of shape {tuple(ref.shape)}")
-                entry[key] = value.detach().to(device=ref.device, dtype=ref.dtype).clone()
-            new_state[p] = entry
-
-        # The scalar store must have every scalar this method uses, with the right length.
-        old_store, old_domain, old_shape = self._scalar_store, self._scalar_domain, self._store_shape
-        self._scalar_store, self._scalar_domain, self._store_shape = {}, {}, (0, 0)
-        saved_groups_backup, self.param_groups = self.param_groups, new_groups
-        try:
-            self._sync_store()
-            template_store = self._scalar_store
-            saved_scalars = meta.get("scalars", {})
-            if set(saved_scalars) != set(template_store):
-                raise ValueError(f"{owner}.load_state_dict: saved scalars {sorted(saved_scalars)} do not match "
-                                 f"this method's {sorted(template_store)}")
-            for k, ref in template_store.items():
-                v = saved_scalars[k]
-                if not isinstance(v, torch.Tensor) or v.shape != ref.shape:
-                    raise ValueError(f"{owner}.load_state_dict: scalar {k!r} has the wrong shape")
-                ref.copy_(v.to(device=ref.device, dtype=torch.float64))
-        except Exception:
-            self._scalar_store, self._scalar_domain, self._store_shape = old_store, old_domain, old_shape
-            self.param_groups = saved_groups_backup
-            raise
-        state: defaultdict = defaultdict(dict)
-        state.update(new_state)
-        self.state = state
 
     def __repr__(self) -> str:
         return super().__repr__().replace(type(self).__name__ + " (", f"{type(self).__name__} [backend={self.backend}] (", 1)

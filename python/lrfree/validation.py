@@ -87,20 +87,31 @@ def betas(n: int = 2) -> Check:
     """A tuple of ``n`` decay rates, each in [0, 1)."""
     return Check(
         lambda v: len(v) == n and all(UNIT_INTERVAL.test(b) for b in v),
-        "a pair of decay rates in [0, 1)" if n == 2 else f"{n} decay rates in [0, 1)",
+        "a pair of decay rates in [0, 1), as a tuple such as (0.9, 0.999)" if n == 2
+        else f"{n} decay rates in [0, 1), as a tuple",
         lambda v: isinstance(v, (tuple, list)) and all(_is_real(b) for b in v),
     )
 
 
+def as_tuple(value: Any) -> Any:
+    """A list or tuple hyperparameter (``betas``) as a tuple; anything else unchanged, so that the
+    group's check reports it by name (``betas=0.9`` is a TypeError saying what to pass, not Python's
+    "'float' object is not iterable")."""
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
 def lr_value(where: str, lr: Any) -> Any:
-    """``lr`` as the step reads it: a 0-d CPU tensor (torch.optim's "tensor lr", which schedulers update
-    in place and torch.compile treats as an input, not a constant) becomes its float; anything else is
-    returned as it is. A device tensor is refused: reading it every step would synchronize."""
+    """``lr`` as the step reads it: a 1-element CPU tensor of any shape (torch.optim's "tensor lr", which
+    schedulers update in place and torch.compile treats as an input, not a constant) becomes its float;
+    anything else is returned as it is. A device tensor is refused: reading it every step would
+    synchronize."""
     if not isinstance(lr, torch.Tensor):
         return lr
-    if lr.dim() != 0 or lr.is_complex() or not lr.is_floating_point():
-        raise TypeError(f"{where}: invalid lr; a tensor lr must be a 0-d real floating-point tensor, got "
-                        f"shape {tuple(lr.shape)} {lr.dtype}")
+    if lr.is_complex() or not lr.is_floating_point():
+        raise TypeError(f"{where}: invalid lr; a tensor lr must be a real floating-point tensor, got {lr.dtype}")
+    if lr.numel() != 1:
+        raise ValueError(f"{where}: invalid lr; a tensor lr must have exactly 1 element (0-d, as "
+                         f"torch.tensor(1e-3)), got shape {tuple(lr.shape)}")
     if lr.device.type != "cpu":
         raise ValueError(f"{where}: lr is a tensor on {lr.device}; lrfree reads lr on the host at every step, "
                          "so keep a tensor lr on the CPU (torch.tensor(value)) where reading it never synchronizes")
@@ -125,15 +136,20 @@ def param_label(group: Mapping[str, Any], group_index: int, param_index: int, p:
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# complex parameters are stepped as their real view (lrfree.distributed.local_real), of these dtypes
+COMPLEX_DTYPES = (torch.complex32, torch.complex64, torch.complex128)
+
+
+def real_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype the step sees: a complex parameter's real view has the dtype of its parts."""
+    return p.real.dtype if p.is_complex() else p.dtype
 
 
 def validate_param(owner: str, group: Mapping[str, Any], group_index: int, param_index: int,
                    p: torch.Tensor) -> None:
     label = param_label(group, group_index, param_index, p)
-    if p.is_complex():
-        raise TypeError(f"{owner}: {label} is complex ({p.dtype}); lrfree optimizes real tensors only "
-                        "(view complex parameters as real with torch.view_as_real)")
-    if p.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{owner}: {label} has dtype {p.dtype}; expected one of float16, bfloat16, float32, float64")
+    if p.dtype not in FLOAT_DTYPES + COMPLEX_DTYPES:
+        raise TypeError(f"{owner}: {label} has dtype {p.dtype}; expected one of float16, bfloat16, float32, "
+                        "float64 (or complex32/64/128, stepped as real pairs)")
     if p.is_sparse:
         raise TypeError(f"{owner}: {label} is a sparse tensor; lrfree optimizes dense tensors only")

@@ -48,11 +48,21 @@ class Adam(FusedOptimizer):
                  master_weights: bool = False,
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+        defaults = dict(lr=lr, betas=V.as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, sharded=sharded)
+
+    def _validate_hyperparameters(self, owner, index, group, first):
+        super()._validate_hyperparameters(owner, index, group, first)
+        # torch.optim.Adam(decoupled_weight_decay=True) is AdamW: a group asking for the other weight decay
+        # (a torch state dict loaded into the wrong class) would silently be stepped with this class's
+        decoupled = group.get("decoupled_weight_decay", self.decoupled)
+        if decoupled != self.decoupled:
+            raise ValueError(f"{owner} param_groups[{index}]: decoupled_weight_decay={decoupled!r}, but "
+                             f"{type(self).__name__} {'decouples' if self.decoupled else 'couples'} weight decay; "
+                             f"use lrfree.{'AdamW' if decoupled else 'Adam'}")
 
     def init_state(self, p, group):
         state = {"exp_avg": self.zeros_state(p), "exp_avg_sq": self.zeros_state(p)}

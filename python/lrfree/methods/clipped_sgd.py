@@ -44,6 +44,7 @@ class ClippedSGD(FusedOptimizer):
 
     hyperparameters = {"lr": V.NONNEG, "max_norm": V.POSITIVE_OR_INF, "momentum": V.UNIT_INTERVAL,
                        "weight_decay": V.NONNEG, "nesterov": V.BOOL, "eps": V.NONNEG}
+    recomputed_scalars = frozenset({"clip_coef", "grad_norm"})
     kernels = "clipped_sgd"
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,

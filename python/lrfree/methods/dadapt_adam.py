@@ -65,7 +65,7 @@ class DAdaptAdam(DAdaptBase):
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
+        defaults = dict(lr=lr, betas=V.as_tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
                         decouple=decouple, use_bias_correction=use_bias_correction, d0=d0, growth_rate=growth_rate,
                         fsdp_in_use=fsdp_in_use, layer_scale=1.0)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,

@@ -30,7 +30,7 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
-from ..distributed import local
+from ..distributed import local_real
 from ..optimizer import FusedOptimizer, StepBatch
 
 
@@ -99,7 +99,7 @@ class DoG(FusedOptimizer):
             members = [it.p] if self.per_tensor else it.group["params"]
             segments.append(seg)
             norms.append(batch.total(R.sumsq(self.state[q]["x0"]) if "x0" in self.state.get(q, {})
-                                     else R.sumsq(local(q)) for q in members))
+                                     else R.sumsq(local_real(q)) for q in members))
         return segments, torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=batch.device)
 
     def _stats(self, batch: StepBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -157,8 +157,8 @@ class DoG(FusedOptimizer):
         for seg in segments:
             resting = [p for p in self.param_groups[seg]["params"]
                        if id(p) not in active and "x0" in self.state.get(p, {})]
-            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), p) - R.up(self.state[p]["x0"], p))
-                                     for p in resting))
+            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), x) - R.up(self.state[p]["x0"], x))
+                                     for p in resting for x in (local_real(p),)))
         return torch.stack(extra)
 
     # -- the scalar rule (vectors over the step's segments; shared by every backend) -------------

@@ -23,7 +23,7 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
-from ..distributed import local
+from ..distributed import local_real
 from ..optimizer import StepBatch
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
@@ -102,4 +102,4 @@ class InexactPolyak(PolyakFamily):
             if "best" in state:
                 self._stepped(p).copy_(state["best"])
                 if "master" in state:
-                    local(p).copy_(state["master"])
+                    local_real(p).copy_(state["master"])

@@ -72,9 +72,9 @@ class Prodigy(DAdaptBase):
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
-        defaults = dict(lr=lr, betas=tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay, decouple=decouple,
-                        use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup, d0=d0,
-                        d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
+        defaults = dict(lr=lr, betas=V.as_tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
+                        decouple=decouple, use_bias_correction=use_bias_correction, safeguard_warmup=safeguard_warmup,
+                        d0=d0, d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, sharded=sharded,

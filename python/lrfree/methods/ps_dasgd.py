@@ -79,7 +79,7 @@ class PSDASGD(DAdaptBase):
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
-        defaults = dict(lr=lr, momentum=momentum, betas=tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
+        defaults = dict(lr=lr, momentum=momentum, betas=V.as_tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
                         weight_decay=weight_decay, amsgrad=amsgrad, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,

@@ -66,7 +66,7 @@ class PSSPS(FusedOptimizer):
                  master_weights: bool = False,
                  stochastic_rounding: bool = False, process_group=None,
                  sharded: bool | None = None):
-        defaults = dict(c=c, f_star=f_star, betas=tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
+        defaults = dict(c=c, f_star=f_star, betas=V.as_tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
                         weight_decay=weight_decay, smooth=smooth, gamma=gamma,
                         n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
