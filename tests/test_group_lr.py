@@ -317,6 +317,28 @@ def test_clipped_sgd_splitting_a_group_changes_nothing():
     assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(*runs))
 
 
+def test_clipped_sgd_loads_a_checkpoint_from_before_per_group_clipping():
+    """clip_coef was one value for the optimizer; a checkpoint of that shape still loads (it is recomputed
+    every step) and the continued run is the uninterrupted one."""
+    grads = _grads(4)
+    runs = []
+    for resume in (False, True):
+        params = _params()
+        groups = [{"params": params[:3]}, {"params": params[3:], "max_norm": 0.5}]
+        opt = lrfree.ClippedSGD(groups, lr=0.1, max_norm=2.0, momentum=0.9)
+        for t, step_grads in enumerate(grads):
+            if resume and t == 2:
+                saved = opt.state_dict()
+                saved["lrfree"]["scalars"]["clip_coef"] = saved["lrfree"]["scalars"]["clip_coef"][0].clone()
+                opt = lrfree.ClippedSGD(groups, lr=0.1, max_norm=2.0, momentum=0.9)
+                opt.load_state_dict(saved)
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append(params)
+    assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(*runs))
+
+
 # ------------------------------------------------------------------------ PS-DA-SGD: per-group μ and AMSGrad
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_psdasgd_per_group_lr_averaging_and_amsgrad(backend):
