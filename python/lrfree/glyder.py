@@ -42,7 +42,7 @@ paper uses, if any, is not public, ALGORITHMS §3.2):
   direction): the mean over 2000 draws gives η = 0.056 (where the batch loss is lowest along d), the draw
   the step used gave 13.5 (the 0.4% quantile of q), and the loss went 1.6 → 125. Later, a saturating
   softmax shrinks the Gauss–Newton curvature, the step grows, the softmax saturates further: η reached
-  1e12 and the logits overflowed (issue 16). With the cap the step starts at the base's own step and
+  1e12 and the logits overflowed. With the cap the step starts at the base's own step and
   doubles at most every 35 steps; where the estimate is lower, the estimate rules. ``growth_rate=math.inf``
   is the uncapped rule (and the first step is then the estimate's).
 * **Invalid curvature skips the estimate**: a step whose curvature estimate q is non-finite or ≤ 0 (a
