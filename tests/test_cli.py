@@ -83,7 +83,8 @@ def test_reproduce_lrfree(tmp_path):
     (["--device", "cuda:0"] if not __import__("torch").cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--adamw-lr", "-1"], "--adamw-lr must be positive"),
     (["reproduce", "quartic", "--l1", "1,x"], "expected comma-separated numbers"),
-    (["reproduce", "quartic", "--l1", "2"], "tuned settings for L1 in"),
+    (["reproduce", "quartic", "--l1", "5"], "L1 = 5 is not one of 1, 10, 100, 1000"),
+    (["reproduce", "quartic", "--l1", ","], "no L1 value given; choose from 1, 10, 100, 1000"),
     (["reproduce", "lrfree", "--tasks", "imagenet"], "unknown task(s) imagenet"),
     (["reproduce", "lrfree", "--seeds", "0"], "--seeds must be at least 1"),
     (["reproduce", "nothing"], "invalid choice"),
@@ -127,3 +128,49 @@ def test_the_loop_gives_glyder_what_its_estimators_need():
     w.grad = None
     assert torch.allclose(backward(plain, x @ w.T, y), F.cross_entropy((x @ w.T).flatten(0, 1), y.flatten()))
     assert w.grad is not None
+
+
+def _commands(parser, path=()):
+    """(command path, parser) of every (sub)command."""
+    import argparse
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, path + (name,))
+
+
+def test_every_option_help_shows_its_default():
+    """Each option that has a default shows it in its command's --help (the one exception, reproduce lrfree
+    --steps, whose default depends on the task, says so in words)."""
+    import argparse
+    checked = 0
+    for path, parser in _commands(cli.build_parser()):
+        text = "".join(parser.format_help().split())  # argparse wraps (and breaks long words)
+        for action in parser._actions:
+            if not action.option_strings or action.default is None or action.default is False \
+                    or action.default == argparse.SUPPRESS:
+                if action.option_strings and action.default is None and action.dest != "help":
+                    assert "(default:" in "".join(action.help.split()), (path, action.dest)
+                continue
+            default = action.default if isinstance(action.default, str) else repr(action.default)
+            assert f"(default:{''.join(default.split())})" in text, (path, action.option_strings)
+            checked += 1
+    assert checked == 19  # train 11, reproduce quartic 3, reproduce lrfree 5 (and --steps in words)
+
+
+def test_quartic_help_says_which_l1_values_are_allowed():
+    quartic = dict(_commands(cli.build_parser()))[("reproduce", "quartic")]
+    assert "each one of 1, 10, 100, 1000" in " ".join(quartic.format_help().split())
+
+
+def test_the_progress_bars_get_no_torch_warning(capsys):
+    """The demo printed torch's "Converting a tensor with requires_grad=True to a scalar" UserWarning into its
+    progress bars: the bar read float(loss) of a loss still attached to its graph."""
+    import warnings
+
+    from lrfree.experiments import chargpt
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chargpt.train("AdamW", 2, width=16, layers=1, heads=2, context=16, batch=4, lr=1e-3, progress=True)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []

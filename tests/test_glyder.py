@@ -27,9 +27,10 @@ BASE_LR = 0.37  # the direction is d = BASE_LR·g; GLyDER's η is relative to d,
 
 
 def quadratic_step(A: torch.Tensor, x0: torch.Tensor, **options):
-    """One GLyDER step along plain gradient descent on f = ½xᵀAx; returns (the step along g, x1)."""
+    """One GLyDER step along plain gradient descent on f = ½xᵀAx; returns (the step along g, x1). The rule
+    itself: the growth cap (a safeguard, tested below) is off."""
     x = x0.clone().requires_grad_()
-    opt = lrfree.GLyDER(torch.optim.SGD([x], lr=BASE_LR), beta=0.0, **options)
+    opt = lrfree.GLyDER(torch.optim.SGD([x], lr=BASE_LR), beta=0.0, growth_rate=math.inf, **options)
 
     def closure():
         opt.zero_grad()
@@ -301,6 +302,8 @@ def test_fused_step_reads_nothing_back(curvature, monkeypatch):
     (lambda p: lrfree.GLyDER(lrfree.Adam(p), beta=1.0), ValueError, "beta"),
     (lambda p: lrfree.GLyDER(lrfree.Adam(p, maximize=True)), ValueError, "maximize"),
     (lambda p: lrfree.GLyDER(lrfree.Adam(p), lr=-1.0), ValueError, "lr"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p), growth_rate=0.5), ValueError, "growth_rate"),
+    (lambda p: lrfree.GLyDER(lrfree.Adam(p, lr=0.0)), ValueError, "starts from the base's own step"),
 ])
 def test_bad_options_are_refused(make, error, match):
     with pytest.raises(error, match=match):
@@ -351,7 +354,7 @@ def test_gnb_step_is_the_gradient_inner_product_over_the_sampled_curvature():
     gen = torch.Generator().manual_seed(6)
     X, y = torch.randn(10, 4, dtype=F64, generator=gen), torch.randint(3, (10,), generator=gen)
     W = (0.5 * torch.randn(3, 4, dtype=F64, generator=gen)).requires_grad_()
-    opt = lrfree.GLyDER(torch.optim.SGD([W], lr=0.2), beta=0.0)
+    opt = lrfree.GLyDER(torch.optim.SGD([W], lr=0.2), beta=0.0, growth_rate=math.inf)  # the rule, uncapped
     logits = X @ W.T
     (g_hat,), n = sampled_label_gradient(logits, [W], torch.Generator().manual_seed(7))
     opt.gnb_backward(logits, generator=torch.Generator().manual_seed(7))
@@ -361,3 +364,160 @@ def test_gnb_step_is_the_gradient_inner_product_over_the_sampled_curvature():
     d = 0.2 * g
     expected = float((g * d).sum() / (n * (g_hat * d).sum() ** 2))
     assert float(opt.scalars()["step_size"]) == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------- safeguards (issue 16)
+def _classification(seed: int = 100, n: int = 2000, dim: int = 20, classes: int = 5):
+    """A noisy linear 5-class problem (the data of the divergence report in issue 16)."""
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(n, dim, generator=gen), torch.randn(dim, classes, generator=gen)
+    return x, (x @ w + 0.5 * torch.randn(n, classes, generator=gen)).argmax(1)
+
+
+def _train_mlp(model, steps: int, batch: int, **options):
+    """GLyDER around lrfree.Adam with the GNB curvature, as the README shows; returns (step sizes, batch losses)."""
+    x, y = _classification()
+    opt = lrfree.GLyDER(lrfree.Adam(model.parameters()), **options)
+    gen = torch.Generator().manual_seed(0)
+    etas, losses = [], []
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        logits = model(x[idx])
+        loss = F.cross_entropy(logits, y[idx])
+        opt.zero_grad()
+        opt.gnb_backward(logits)  # the global RNG, seeded by the caller (as in the report)
+        loss.backward()
+        opt.step()
+        etas.append(opt.scalars()["step_size"])
+        losses.append(loss.detach())
+    return torch.stack(etas), torch.stack(losses), opt
+
+
+@pytest.fixture
+def one_thread():
+    """The runaway is chaotic: a different summation order (the thread count) gives another trajectory. The
+    measurements quoted below are single-threaded, as these tests run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tanh_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
+                               torch.nn.Linear(64, 5))
+
+
+def test_default_step_stays_bounded_on_a_small_batch_mlp(one_thread):
+    """Batch 32, 300 steps: uncapped (growth_rate=inf, the rule before the safeguard) the step size runs away
+    (a first GNB draw far below its mean, then a saturating softmax; measured: max η in the thousands, loss
+    in the tens of thousands); with the default growth cap it stays below 1 and the loss goes down."""
+    etas, losses, _ = _train_mlp(_tanh_mlp(), 300, 32, growth_rate=math.inf)
+    assert float(etas.max()) > 100
+    etas, losses, opt = _train_mlp(_tanh_mlp(), 300, 32)
+    assert torch.isfinite(etas).all() and float(etas.max()) < 1.0
+    assert float(losses[-50:].mean()) < float(losses[:10].mean())
+    assert float(opt.scalars()["capped"]) > 0
+
+
+def test_default_still_trains_where_the_uncapped_rule_did(one_thread):
+    """Batch 256, 200 steps of the same MLP: here the uncapped rule does not diverge (measured: full-data loss
+    0.030 from ln 5 = 1.61); the default, which starts at the base's own step (lr 1e-3) and grows ×1.02 per
+    step at most, trains as well within a factor (measured 0.071; with growth_rate=1, never growing, 0.216)."""
+    def final_loss(**options):
+        model = _tanh_mlp()
+        _train_mlp(model, 200, 256, **options)
+        x, y = _classification()
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x), y))
+
+    assert final_loss(growth_rate=math.inf) < 0.05
+    assert final_loss() < 0.1
+
+
+@pytest.mark.parametrize("how", ["zero-gnb", "nan-probe"])
+def test_an_invalid_curvature_estimate_keeps_the_step_size_and_is_counted(how):
+    """A curvature estimate that is 0 (ĝ ⟂ d) or NaN (the finite difference's probe gradient) does not enter
+    the EMAs: N, Q and η stay, the step is taken with the previous η along the new d, and it is counted."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=F64))
+    curvature = "gnb" if how == "zero-gnb" else "fd"
+    opt = lrfree.GLyDER(torch.optim.SGD([w], lr=0.5), curvature=curvature, beta=0.5)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        calls.append(1)
+        if how == "nan-probe" and len(calls) == 4:  # the second step's probe
+            w.grad.fill_(float("nan"))
+        return loss
+
+    def one_step(gnb):
+        if curvature == "gnb":
+            closure()
+            opt.set_gnb_gradient([gnb], 4)
+            opt.step()
+        else:
+            opt.step(closure)
+
+    one_step(torch.ones(3, dtype=F64))
+    before = opt.scalars()
+    x = w.detach().clone()
+    one_step(torch.zeros(3, dtype=F64))
+    after = opt.scalars()
+    assert float(after["curvature_skips"]) == 1 and float(after["skipped"]) == 0
+    for name in ("numerator", "curvature", "step_size"):
+        assert torch.equal(after[name], before[name]), name
+    assert float(before["step_size"]) > 0
+    d = 0.5 * 2 * x  # SGD's update at x
+    assert torch.allclose(w.detach(), x - float(before["step_size"]) * d, rtol=0, atol=1e-15)
+
+
+def test_non_finite_logits_do_not_crash_gnb_backward_and_the_step_is_skipped():
+    """Logits that overflowed (issue 16: torch.multinomial raised 'probability tensor contains either inf,
+    nan or element < 0') sample labels uniformly; the gradients are non-finite, so the step is skipped."""
+    model = torch.nn.Linear(3, 4)
+    opt = lrfree.GLyDER(lrfree.Adam(model.parameters()))
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    logits = model(torch.ones(5, 3))
+    opt.zero_grad()
+    opt.gnb_backward(logits)
+    F.cross_entropy(logits, torch.zeros(5, dtype=torch.long)).backward()
+    opt.step()
+    assert float(opt.scalars()["skipped"]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_growth_cap_starts_at_the_base_step_and_grows_by_growth_rate():
+    """η_0 <= growth_rate · (the base's own step), η_t <= growth_rate · η_{t−1}: on a problem whose estimate is
+    far above the cap (constant curvature 1e-6), η is exactly the cap: lr_base · 1.02^(t+1)."""
+    w = torch.nn.Parameter(torch.ones(4, dtype=F64))
+    opt = lrfree.GLyDER(lrfree.Adam([w], lr=1e-3), curvature="constant", smoothness=1e-6)
+    for t in range(5):
+        w.grad = torch.ones(4, dtype=F64)
+        opt.step()
+        assert float(opt.scalars()["step_size"]) == pytest.approx(1e-3 * 1.02 ** (t + 1), rel=1e-12)
+    assert float(opt.scalars()["capped"]) == 5
+
+
+def test_gnb_backward_with_a_generator_is_reproducible_and_leaves_the_global_rng_alone():
+    """The same generator seed draws the same labels (the same ĝ); the global RNG does not advance, so
+    resuming from a checkpoint with the generator's saved state (get_state/set_state) repeats the run."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 5)
+    x = torch.randn(32, 6)
+    ghats = []
+    for _ in range(2):
+        opt = lrfree.GLyDER(lrfree.Adam(model.parameters()))
+        logits = model(x)
+        rng = torch.get_rng_state()
+        opt.gnb_backward(logits, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(torch.get_rng_state(), rng)
+        ghats.append([opt._gnb[p].clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*ghats))
+    opt.gnb_backward(model(x))  # without a generator: the global RNG draws
+    assert not torch.equal(torch.get_rng_state(), rng)

@@ -153,9 +153,11 @@ def train(optimizer: str | Contender | Callable, steps: int, *, width=128, layer
     for t in range(steps):
         x, y = (t.to(device) for t in sample_batch(train_ids, batch, context, gen))
         opt.zero_grad(set_to_none=True)
-        loss = backward(opt, model(x), y)
+        # detached: the graph has been backpropagated, and reading a loss that still requires grad (the
+        # progress bar's float(loss)) made torch warn "Converting a tensor with requires_grad=True to a scalar"
+        loss = backward(opt, model(x), y).detach()
         step(opt, loss)
-        losses.append(loss.detach())  # kept on the device: the loop never waits for the GPU
+        losses.append(loss)  # kept on the device: the loop never waits for the GPU
         values = live_values(opt, live_keys)
         if live_keys:
             lives.append(values[live_keys[0]])
