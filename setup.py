@@ -57,6 +57,10 @@ NVCC = [f"{name}=={version}; platform_system == 'Linux'" for name, version in [
     ("nvidia-cuda-nvcc", "13.0.88"), ("nvidia-cuda-crt", "13.0.88"), ("nvidia-nvvm", "13.0.88"),
     ("nvidia-cuda-runtime", "13.0.96"), ("nvidia-cuda-cccl", "13.0.85")]]
 
+# the training stacks lrfree.integrations is tested with (tests/test_integrations.py): the Hugging Face Trainer
+# (its 5.x line, which runs on torch 2.11-2.13; its Trainer needs accelerate) and PyTorch Lightning 2.6
+TRAINING_STACKS = ["transformers>=5.0,<6", "accelerate>=1.1", "lightning>=2.6,<2.7"]
+
 # the command line's experiments: progress bars, figures, and the bundled digits of `reproduce lrfree`
 DEMO = ["tqdm>=4.60", "matplotlib>=3.5", "scikit-learn>=1.0"]
 
@@ -69,13 +73,14 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"lrfree": "python/lrfree", "lrfree.kernels": "kernels", "lrfree.csrc": "csrc"},
-    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.experiments", "lrfree.kernels", "lrfree.csrc"],
+    packages=["lrfree", "lrfree.methods", "lrfree.backends", "lrfree.experiments", "lrfree.integrations",
+              "lrfree.kernels", "lrfree.csrc"],
     package_data={"lrfree.csrc": ["*.cuh", "*.h", "*.cpp", "*.cu"]},
     install_requires=["torch>=2.11,<2.14", "numpy", "triton>=3.6,<3.10; platform_system == 'Linux'"],
     extras_require={
         # expecttest: torch.testing._internal.common_optimizers (the OptimizerInfo of test_conformance) imports it
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "expecttest", *DEMO, "ninja", "pybind11",
-                 *REFERENCE_PACKAGES, *NVCC],
+                 *REFERENCE_PACKAGES, *NVCC, *TRAINING_STACKS],
         "demo": DEMO,
         "bench": ["pytest>=7", "pytest-benchmark>=4", "matplotlib>=3.5", *REFERENCE_PACKAGES,
                   "pytorch-optimizer==4.1.0"],

@@ -123,7 +123,7 @@ def test_loss_is_required_and_checked(info):
         opt.step(loss="1.0")
     with pytest.raises(TypeError, match="loss must be"):
         opt.step(loss=torch.tensor(1 + 1j))
-    with pytest.raises(ValueError, match="either closure or loss"):
+    with pytest.raises(ValueError, match="closure returned a loss and loss= was given"):
         opt.step(closure=lambda: (p * p).sum(), loss=torch.tensor(1.0))
     assert torch.equal(p, torch.ones(3))  # nothing moved
 

@@ -235,11 +235,9 @@ class GLyDER(FusedOptimizer):
             raise ValueError(f"{owner}(gradient='split') needs opt.split_backward(loss_half_a, loss_half_b) instead "
                              "of loss.backward() in every step")
         self._closure = closure
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         try:
-            return super().step(loss=loss)
+            # the base step runs the closure once and decides which loss the step takes (see its docstring)
+            return super().step(closure=closure, loss=loss)
         finally:
             self._closure = None
             self._gnb, self._probe = {}, {}

@@ -263,6 +263,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         self._scalar_domain: dict[str, str] = {}
         self._store_shape = (0, 0)  # (groups, params) the store was sized for
         self._device: torch.device | None = None
+        # Σ of the losses handed to accumulate_loss since the last step (0-d fp64 on device), or None
+        self._accumulated_loss: torch.Tensor | None = None
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
         self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device, self.kernels)
@@ -438,7 +440,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             if self.requires_loss:
                 raise ValueError(
                     f"{owner} sets its step size from the loss value: call step(loss=loss) with the "
-                    "0-d loss tensor whose gradient was just computed, or step(closure)")
+                    "0-d loss tensor whose gradient was just computed, step(closure), or hand each "
+                    "micro-batch's loss to accumulate_loss(loss) before a step() without arguments")
             return None
         if isinstance(loss, torch.Tensor):
             loss = loss.detach()
@@ -514,6 +517,45 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         if params:
             torch._foreach_copy_(params, masters)
 
+    def accumulate_loss(self, loss: Any) -> None:
+        """Add a micro-batch's loss to the loss of the next :meth:`step` (gradient accumulation).
+
+        The step after one or more calls takes as its loss the **sum** of the losses handed in since the
+        previous step. Training stacks that accumulate gradients divide each micro-batch's loss by the
+        number of micro-batches k before its backward (Lightning's ``accumulate_grad_batches``, the
+        Hugging Face Trainer's ``gradient_accumulation_steps``); handing in those divided losses makes
+        the sum the mean loss of the accumulated batch, the loss whose gradient is in ``.grad``. Hand
+        in undivided losses only if the gradients are summed, not averaged.
+
+        ``loss`` is what :meth:`step` accepts as ``loss=``: a 0-d (or 1-element) tensor or a number. It
+        is detached and added on its device in fp64, so nothing is read back to the host. Every
+        :meth:`step` clears the sum, whether the step is taken or skipped (non-finite values); a step
+        that never reaches the optimizer (GradScaler skipping on the host) does not, see
+        :meth:`reset_accumulated_loss`. The sum is not part of ``state_dict()``: checkpoints are written
+        between steps, where it is empty.
+        """
+        if loss is None:
+            raise ValueError(f"{type(self).__name__}.accumulate_loss: loss is None; pass the micro-batch's "
+                             "loss tensor (or number)")
+        value = self._loss_tensor(loss)
+        if value is None:  # cannot happen for a tensor or a number, which _loss_tensor always converts
+            return
+        total = self.accumulated_loss
+        # a copy, not an alias of the caller's tensor, which the next micro-batch may overwrite in place
+        self._accumulated_loss = value.clone() if total is None else total + value
+
+    @property
+    def accumulated_loss(self) -> torch.Tensor | None:
+        """The sum :meth:`accumulate_loss` has gathered for the next step (0-d fp64 on device), or None (also
+        for an optimizer pickled before the sum existed, hence getattr)."""
+        return getattr(self, "_accumulated_loss", None)
+
+    def reset_accumulated_loss(self) -> None:
+        """Forget the losses handed to :meth:`accumulate_loss` since the last step. :meth:`step` does this
+        itself; call it where a step was skipped without reaching the optimizer (``GradScaler`` reading
+        an overflow on the host) before a new accumulation window starts."""
+        self._accumulated_loss = None
+
     # Inside a torch.compile'd training step the optimizer step runs eagerly, as one opaque call: it is
     # fused kernels already, and tracing its Python (lazy state, caches) would guard on optimizer state and
     # on lr values, recompiling whenever they change.
@@ -528,19 +570,41 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
                 device, or a number. Required by Polyak-type methods; for the others it is only checked
                 for finiteness, and may have any shape.
 
+        The step's loss is, in this order: ``loss``; else the sum gathered by :meth:`accumulate_loss`
+        since the last step (hooks that accumulate also see the micro-batch a closure runs, so the
+        closure's own value is not added again); else what the closure returned. A closure that returns
+        None together with ``loss`` is how training stacks wrap a manual ``step(loss=...)`` (Lightning's
+        manual optimization), and is accepted; ``loss`` together with a closure that returns a value, or
+        with an accumulated sum, is two different losses and raises ``ValueError`` (after the closure
+        ran, before anything is updated).
+
         Returns what the closure returned (else ``loss``), as torch's optimizers do. A non-finite loss or
         gradient skips the step on device: parameters and optimizer state stay bit-identical and
         ``scalars()['skipped']`` counts it.
         """
-        from_closure = closure is not None
-        if from_closure:
-            if loss is not None:
-                raise ValueError(f"{type(self).__name__}.step: pass either closure or loss, not both")
+        owner = type(self).__name__
+        returned = None
+        if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                returned = closure()
+        # read after the closure: Lightning's accumulation hooks run inside it, for the last micro-batch
+        accumulated = self.accumulated_loss
+        self._accumulated_loss = None  # consumed by this step, taken or skipped
+        if loss is not None:
+            if returned is not None:
+                raise ValueError(f"{owner}.step: the closure returned a loss and loss= was given too; pass one "
+                                 "(a closure used only for its side effects must return None)")
+            if accumulated is not None:
+                raise ValueError(f"{owner}.step: loss= was given while accumulate_loss() had gathered a loss "
+                                 "for this step; use one of the two")
+            loss_t = self._loss_tensor(loss)
+        elif accumulated is not None:
+            loss_t = accumulated
+        else:
+            loss_t = self._loss_tensor(returned, from_closure=closure is not None)
         with self._lr_as_floats():
-            self._step(self._loss_tensor(loss, from_closure=from_closure))
-        return loss
+            self._step(loss_t)
+        return returned if closure is not None and returned is not None else loss
 
     @contextlib.contextmanager
     def _lr_as_floats(self):
