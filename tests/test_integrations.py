@@ -85,9 +85,9 @@ def test_accumulate_loss_validates_its_argument():
     opt = lrfree.InexactPolyak(_params(), T=10)
     with pytest.raises(ValueError, match="accumulate_loss: loss is None"):
         opt.accumulate_loss(None)
-    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"InexactPolyak.accumulate_loss: loss must be .*shape \(3,\)"):
         opt.accumulate_loss(torch.ones(3))
-    with pytest.raises(TypeError, match="loss must be"):
+    with pytest.raises(TypeError, match="InexactPolyak.accumulate_loss: loss must be"):
         opt.accumulate_loss("1.0")
     assert opt.accumulated_loss is None
 
@@ -318,6 +318,29 @@ def test_make_optimizer_needs_a_horizon_for_inexact_polyak():
     with pytest.raises(ValueError, match="must name an lrfree optimizer"):
         make_optimizer(_Regressor(), "SGD")
     assert make_optimizer(_Regressor(), "InexactPolyak", Args(), T=7).param_groups[0]["T"] == 7
+
+
+def test_lightning_callback_resets_at_a_new_window_and_switches_the_flag_only_to_clip():
+    """A sum left by a step GradScaler skipped on the host is dropped at the first micro-batch of the next
+    window (not at the others); the in-step unscaling flag is switched off only when the trainer clips."""
+    pytest.importorskip("lightning")
+    from types import SimpleNamespace
+
+    from lrfree.integrations.lightning import LRFreeCallback
+    opt = lrfree.InexactPolyak(_params(), T=4)
+    trainer = SimpleNamespace(optimizers=[opt], accumulate_grad_batches=2, gradient_clip_val=None)
+    module = SimpleNamespace(automatic_optimization=True)
+    callback = LRFreeCallback()
+    opt.accumulate_loss(1.0)
+    callback.on_train_batch_start(trainer, module, None, 3)  # inside a window
+    assert opt.accumulated_loss is not None
+    callback.on_train_batch_start(trainer, module, None, 4)  # a new window
+    assert opt.accumulated_loss is None
+    callback.on_fit_start(trainer, module)
+    assert opt._step_supports_amp_scaling is True  # no clipping: GradScaler keeps unscaling inside step()
+    trainer.gradient_clip_val = 1.0
+    callback.on_fit_start(trainer, module)
+    assert opt._step_supports_amp_scaling is False and lrfree.InexactPolyak._step_supports_amp_scaling is True
 
 
 def test_lightning_16_mixed_accumulation_hands_the_unscaled_loss_to_the_step(tmp_path):

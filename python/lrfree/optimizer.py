@@ -427,13 +427,13 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         return {k: v.detach().clone() for k, v in self._scalar_store.items()}
 
     # ------------------------------------------------------------------ step
-    def _loss_tensor(self, loss: Any, from_closure: bool = False) -> torch.Tensor | None:
+    def _loss_tensor(self, loss: Any, from_closure: bool = False, where: str = "step") -> torch.Tensor | None:
         """The step's loss as a 0-d fp64 device tensor (None: no loss).
 
         A method that reads the loss (``requires_loss``) needs one real value: a number, or a 1-element
         tensor of any shape. The others only check it for finiteness, so they take a tensor of any shape
         (its 0-d stand-in is NaN where any element is non-finite), and ignore whatever else a closure
-        returns, as torch's optimizers do.
+        returns, as torch's optimizers do. ``where`` names the method that received it in errors.
         """
         owner = type(self).__name__
         if loss is None:
@@ -452,14 +452,14 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
                 finite = torch.isfinite(loss).all().to(self.device)
                 return torch.where(finite, 0.0, torch.nan).to(torch.float64)
             if not readable:
-                raise TypeError(f"{owner}.step: loss must be a real floating-point tensor, got {loss.dtype}")
-            raise ValueError(f"{owner}.step: loss must be a 0-d tensor (or any 1-element tensor) or a number, "
+                raise TypeError(f"{owner}.{where}: loss must be a real floating-point tensor, got {loss.dtype}")
+            raise ValueError(f"{owner}.{where}: loss must be a 0-d tensor (or any 1-element tensor) or a number, "
                              f"got a tensor of shape {tuple(loss.shape)} (reduce it with .mean() or .sum() first)")
         if _real_scalar(loss):
             return torch.full((), float(loss), dtype=torch.float64, device=self.device)
         if from_closure and not self.requires_loss:
             return None
-        raise TypeError(f"{owner}.step: loss must be a 0-d tensor or a real number, got {type(loss).__name__}")
+        raise TypeError(f"{owner}.{where}: loss must be a 0-d tensor or a real number, got {type(loss).__name__}")
 
     def _gather(self) -> list[Item]:
         owner = type(self).__name__
@@ -537,7 +537,7 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         if loss is None:
             raise ValueError(f"{type(self).__name__}.accumulate_loss: loss is None; pass the micro-batch's "
                              "loss tensor (or number)")
-        value = self._loss_tensor(loss)
+        value = self._loss_tensor(loss, where="accumulate_loss")
         if value is None:  # cannot happen for a tensor or a number, which _loss_tensor always converts
             return
         total = self.accumulated_loss
