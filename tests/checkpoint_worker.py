@@ -84,6 +84,21 @@ def run(phase: str, method: str, backend: str, rank: int, world: int, folder: st
     return _snapshot(model, opt)
 
 
+def sliced_state_refusal(rank: int, world: int) -> str:
+    """What ``state_dict()`` says under FSDP2 for Prodigy with ``slice_p > 1``, whose sampled state is
+    specific to each rank's shard (no DTensor describes it)."""
+    import lrfree
+    model = _fsdp_model(world, seed=0)
+    named = list(model.named_parameters())
+    opt = lrfree.Prodigy([{"params": [p for _, p in named], "param_names": [n for n, _ in named]}], slice_p=11)
+    _train(model, opt, False, rank, world, 1)
+    try:
+        opt.state_dict()
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def main(rank: int, world: int, init_file: str, folder: str, phase: str, cases: list[tuple[str, str]]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -95,6 +110,8 @@ def main(rank: int, world: int, init_file: str, folder: str, phase: str, cases: 
             except Exception:  # recorded, so the test names the method and shows the traceback
                 results[(method, backend)] = {"error": traceback.format_exc()}
             dist.barrier()
+        if phase == "save" and world > 1:
+            results["sliced_state_refusal"] = sliced_state_refusal(rank, world)
     finally:
         torch.save(results, os.path.join(folder, f"{phase}-{world}-rank{rank}.pt"))
         dist.destroy_process_group()

@@ -75,6 +75,15 @@ def test_fsdp2_dcp_checkpoint_resumes_at_any_world_size(dcp_runs, case, world):
             assert err <= 1e-12, f"rank {rank}: state {name!r} differs from the uninterrupted run by {err:.3g}"
 
 
+def test_fsdp2_state_without_a_sharded_layout_is_refused(dcp_runs):
+    """Prodigy's slice_p > 1 state samples each rank's shard: no DTensor describes it, so saving it would
+    reload wrongly at any other layout; state_dict() names the parameter instead."""
+    saved, _ = dcp_runs
+    for rank, results in enumerate(saved):
+        message = results["sliced_state_refusal"]
+        assert "'0.weight'" in message and "slice_p" in message, f"rank {rank}: {message}"
+
+
 # ------------------------------------------------------------------ the state-initializing step
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
