@@ -271,7 +271,7 @@ def test_state_dict_hooks_run(info):
     train(opt, params, 2)
     calls = []
     opt.register_state_dict_pre_hook(lambda o: calls.append(("save pre", o is opt)))
-    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("save post", "lrfree" in sd)) or {**sd, "note": 1})
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("save post", "lrfree" in sd["param_groups"][0])) or {**sd, "note": 1})
     saved = opt.state_dict()
     assert calls == [("save pre", True), ("save post", True)] and saved["note"] == 1
 
@@ -385,7 +385,12 @@ def test_state_dict_without_the_lrfree_entry(info):
     params, groups = model()
     opt = info.make(groups)
     train(opt, params, 2)
-    plain = {k: v for k, v in opt.state_dict().items() if k != "lrfree"}
+    # lrfree's scalars dropped: the param groups' "lrfree" entries and the per-tensor ones in the state
+    per_tensor = {name for name, domain in opt._scalar_domain.items() if domain == "tensor"}
+    saved = opt.state_dict()
+    plain = {"state": {pid: {k: v for k, v in entry.items() if k not in per_tensor}
+                       for pid, entry in saved["state"].items()},
+             "param_groups": [{k: v for k, v in g.items() if k != "lrfree"} for g in saved["param_groups"]]}
     resumed_params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     resumed = info.make(param_groups(resumed_params))
     if set(opt.scalars()) - COUNTERS - opt.recomputed_scalars:

@@ -5,6 +5,7 @@ parameters, x0 and every step scalar bit-identical."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -94,3 +95,32 @@ def test_a_nonfinite_gradient_skips_the_fused_step_bit_for_bit(cls, weight_decay
     ref.step()
     for a, b in zip(params, ref_params):
         assert torch.equal(a, b)
+
+
+def test_ldog_resumed_under_master_weights_keeps_x0_norm():
+    """LDoG's ‖x0‖ (one per tensor) is recomputed after a load from the saved x0; under master_weights (and
+    FSDP2) the tensor a step updates is not the parameter that keys the state, and the current value was
+    taken instead of x0."""
+    def make(params):
+        return lrfree.LDoG(params, master_weights=True, backend="torch")
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(n, generator=gen).bfloat16() for n in (12, 5)]
+    grads = [[torch.randn(n, generator=gen).bfloat16() for n in (12, 5)] for _ in range(4)]
+    runs = []
+    for resume in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make(params)
+        for t, step_grads in enumerate(grads):
+            if resume and t == 2:
+                saved = copy.deepcopy(opt.state_dict())
+                opt = make(params)
+                opt.load_state_dict(saved)
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        runs.append((params, opt.scalars()))
+    (uninterrupted, expected), (resumed, got) = runs
+    assert all(torch.equal(p, q) for p, q in zip(uninterrupted, resumed))
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name

@@ -328,7 +328,11 @@ def test_clipped_sgd_loads_a_checkpoint_from_before_per_group_clipping():
         opt = lrfree.ClippedSGD(groups, lr=0.1, max_norm=2.0, momentum=0.9)
         for t, step_grads in enumerate(grads):
             if resume and t == 2:
-                saved = opt.state_dict()
+                current = opt.state_dict()  # as that lrfree saved it: format 1, every scalar in a top-level entry
+                saved = {"state": current["state"],
+                         "param_groups": [{k: v for k, v in g.items() if k != "lrfree"} for g in current["param_groups"]],
+                         "lrfree": {"format": 1, "method": "ClippedSGD", "scalars": opt.scalars(),
+                                    "domains": dict(opt._scalar_domain)}}
                 saved["lrfree"]["scalars"]["clip_coef"] = saved["lrfree"]["scalars"]["clip_coef"][0].clone()
                 opt = lrfree.ClippedSGD(groups, lr=0.1, max_norm=2.0, momentum=0.9)
                 opt.load_state_dict(saved)

@@ -78,13 +78,13 @@ def test_mismatched_state_dict_is_rejected_and_changes_nothing(info):
     with pytest.raises(ValueError, match="saved by"):
         opt.load_state_dict(foreign.state_dict())
     broken = copy.deepcopy(before)
-    name = next(iter(broken["lrfree"]["scalars"]))
-    broken["lrfree"]["scalars"][name] = torch.zeros(3, dtype=torch.float64)
+    name = next(iter(broken["param_groups"][0]["lrfree"]["scalars"]))
+    broken["param_groups"][0]["lrfree"]["scalars"][name] = torch.zeros(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="wrong shape"):
         opt.load_state_dict(broken)
-    if before["state"]:
+    if any(before["state"].values()):  # every parameter has an entry, {} when it has no state
         broken = copy.deepcopy(before)
-        first = next(iter(broken["state"]))
+        first = next(pid for pid, entry in broken["state"].items() if entry)
         key = next(iter(broken["state"][first]))
         broken["state"][first][key] = torch.zeros(1, 2, 3)
         with pytest.raises(ValueError, match="shape"):
@@ -98,13 +98,19 @@ def test_mismatched_state_dict_is_rejected_and_changes_nothing(info):
     with pytest.raises(ValueError, match=r"param_groups\[1\].*lr=nan"):
         opt.load_state_dict(nan_lr)
     newer = copy.deepcopy(before)
-    newer["lrfree"]["format"] += 1
+    newer["param_groups"][0]["lrfree"]["format"] += 1
     with pytest.raises(ValueError, match="saved by a newer lrfree"):
         opt.load_state_dict(newer)
     after = opt.state_dict()
-    for k, v in before["lrfree"]["scalars"].items():
-        assert torch.equal(v, after["lrfree"]["scalars"][k])
-    assert before["param_groups"] == after["param_groups"]
+    for g_before, g_after in zip(before["param_groups"], after["param_groups"]):
+        scalars_before, scalars_after = g_before.pop("lrfree")["scalars"], g_after.pop("lrfree")["scalars"]
+        assert scalars_before.keys() == scalars_after.keys()
+        for k, v in scalars_before.items():
+            assert torch.equal(v, scalars_after[k])
+        assert g_before == g_after
+    for pid, entry in before["state"].items():
+        assert entry.keys() == after["state"][pid].keys()
+        assert all(torch.equal(v, after["state"][pid][k]) for k, v in entry.items())
 
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)

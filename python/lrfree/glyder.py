@@ -416,12 +416,15 @@ class GLyDER(FusedOptimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        if not self.adam_direction:
-            sd["lrfree"]["base"] = self.base.state_dict()
+        if not self.adam_direction:  # beside the scalars, in group 0's entry (a top-level one is format 1)
+            sd["param_groups"][0]["lrfree"]["base"] = self.base.state_dict()
         return sd
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        base = state_dict.get("lrfree", {}).get("base")
+        base = state_dict.get("lrfree", {}).get("base")  # format 1
+        groups = state_dict.get("param_groups") or [{}]
+        if base is None and isinstance(groups[0].get("lrfree"), dict):
+            base = groups[0]["lrfree"].get("base")
         if base is not None:
             self.base.load_state_dict(base)

@@ -580,10 +580,16 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
 
         Returns what the closure returned (else ``loss``), as torch's optimizers do. A non-finite loss or
         gradient skips the step on device: parameters and optimizer state stay bit-identical and
-        ``scalars()['skipped']`` counts it.
+        ``scalars()['skipped']`` counts it. The step ``torch.distributed.checkpoint`` takes to create a
+        fresh optimizer's state (zero gradients, every lr 0, no loss) creates it and changes nothing else
+        (see :meth:`_is_state_init_call`).
         """
         owner = type(self).__name__
         returned = None
+        if closure is None and loss is None and self.accumulated_loss is None and self._is_state_init_call():
+            self._gather()  # creates the lazy state of every parameter that has a gradient
+            self._sync_store()
+            return None
         if closure is not None:
             with torch.enable_grad():
                 returned = closure()
@@ -605,6 +611,31 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         with self._lr_as_floats():
             self._step(loss_t)
         return returned if closure is not None and returned is not None else loss
+
+    def _is_state_init_call(self) -> bool:
+        """Whether this ``step()`` only asks for the optimizer's state to exist: no state yet, no loss,
+        every parameter that needs one has a gradient and every group's ``lr`` is 0. That is how
+        ``torch.distributed.checkpoint.state_dict`` (``get_state_dict`` / ``set_state_dict``) prepares a
+        fresh optimizer, with zero gradients. Such a step creates the lazy state and the scalar store and
+        changes nothing else: a real step would count itself, move lrfree's step scalars (lr scales the
+        step, not every statistic), need a loss (Polyak-type methods) or reject lr=0 (DoG). Only host
+        values are read: a tensor ``lr`` off the CPU is taken as non-zero rather than synchronized. A
+        method that keeps no per-parameter state (SPS, ClippedSGD without momentum ...) never has state, so
+        any step of it with every lr at 0 and no loss is such a step: it moves no parameter either way."""
+        if self.state:
+            return False
+        groups = self.param_groups
+        if not groups or not all("lr" in g for g in groups):
+            return False
+        for g in groups:
+            lr = g["lr"]
+            if isinstance(lr, torch.Tensor):
+                if lr.device.type != "cpu" or lr.numel() != 1 or float(lr) != 0:  # CPU: no sync
+                    return False
+            elif lr != 0:
+                return False
+        params = [p for g in groups for p in g["params"]]
+        return bool(params) and all(p.grad is not None for p in params if p.requires_grad)
 
     @contextlib.contextmanager
     def _lr_as_floats(self):

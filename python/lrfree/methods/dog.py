@@ -96,7 +96,9 @@ class DoG(FusedOptimizer):
             seg = self._segment(it)
             if seg in self._x0_norm_ready or seg in segments:
                 continue
-            members = [it.p] if self.per_tensor else it.group["params"]
+            # the parameters as their group lists them, which key the state (it.p is a local shard or a
+            # master copy under FSDP2 or master_weights: its x0 would not be found after a resume)
+            members = [it.param] if self.per_tensor else it.group["params"]
             segments.append(seg)
             norms.append(batch.total(R.sumsq(self.state[q]["x0"]) if "x0" in self.state.get(q, {})
                                      else R.sumsq(local_real(q)) for q in members))
