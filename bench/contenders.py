@@ -124,12 +124,11 @@ def contenders(backends: tuple[str, ...], sweep: bool = False, compact: bool = F
     GPU check's set — lrfree on its fused backends, torch's AdamW, and CHECK_OFFICIAL)."""
     torch_ones = [_torch("AdamW", "fused"), _torch("AdamW", "foreach"), _torch("Adam", "fused"),
                   _torch("Adam", "foreach")]
+    fused = [b for b in backends if b != "torch"] or ["torch"]  # the reduced sets time the fused backends only
     if compact:
-        fused = [b for b in backends if b != "torch"] or ["torch"]
         return (torch_ones[:2] + [_lrfree(m, b) for m in LRFREE_METHODS for b in fused if covered(m, b)]
                 + [_glyder(b) for b in fused if b != "cuda"] + [c for c in OFFICIAL if c.name in CHECK_OFFICIAL])
     if sweep:
-        fused = [b for b in backends if b != "torch"] or ["torch"]
         return [torch_ones[0]] + [_lrfree(m, b) for m in SWEEP_METHODS for b in fused if covered(m, b)] + \
             [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
     return (torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)]

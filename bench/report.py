@@ -68,11 +68,13 @@ class Run:
         copy = self.find(workload, "copy")
         return None if copy is None else roofline.achieved_bandwidth(8, copy.numel, copy.median)
 
-    def percent_of_roofline(self, row: Row) -> float | None:
+    def percent_of_roofline(self, row: Row, bytes_per_element: int | None = None) -> float | None:
+        """Against the method's minimal bytes, or ``bytes_per_element`` when given."""
         bandwidth = self.copy_bandwidth(row.workload)
         if bandwidth is None:
             return None
-        return roofline.percent_of_roofline(row.bytes_per_element, row.numel, row.median, bandwidth)
+        return roofline.percent_of_roofline(bytes_per_element or row.bytes_per_element, row.numel, row.median,
+                                            bandwidth)
 
     def vs_baseline(self, row: Row) -> float | None:
         base = self.find(row.workload, BASELINE)
@@ -221,9 +223,7 @@ class RooflineTarget(Target):
         """Against the bytes the step is built to move: the minimal bytes, plus the non-finite guard's pass
         where the run has it on (roofline.FUSED, the row's implemented bytes)."""
         rows = [r for r in run.rows_of(self.workload) if r.family == "lrfree" and r.backend == "triton"]
-        bandwidth = run.copy_bandwidth(self.workload)
-        percents = [None if bandwidth is None else roofline.percent_of_roofline(
-            r.implemented_bytes or r.bytes_per_element, r.numel, r.median, bandwidth) for r in rows]
+        percents = [run.percent_of_roofline(r, r.implemented_bytes) for r in rows]
         if not rows or None in percents:
             return None
         worst = min(zip(percents, rows), key=lambda x: x[0])
