@@ -112,6 +112,8 @@ def reduce_partials(group: DtypeGroup, partials: torch.Tensor, max_columns: Sequ
 
 def ok_flag(batch) -> torch.Tensor:
     """The step's accept flag as an int32 the kernels can load (cached for the step)."""
+    if batch.ok_i32 is not None:  # written by the method's rule kernel
+        return batch.ok_i32
     flag = getattr(batch, "_ok_i32", None)
     if flag is None:
         flag = batch.ok.to(torch.int32)

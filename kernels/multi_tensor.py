@@ -52,6 +52,9 @@ launch_count = 0
 # Where launches go: None runs the Triton kernel; backend="cuda" sets a callable that runs the compiled
 # extension's kernel of the same name with the same arguments instead (lrfree.backends.cuda_ext).
 kernel_target: contextvars.ContextVar = contextvars.ContextVar("lrfree_kernel_target", default=None)
+# A context manager factory ``observer(kernel)`` entered around every launch (bench/device_ops.py counts
+# launches with it, and leaves out the torch ops Triton's interpreter runs inside one); None: no observer.
+launch_observer: contextvars.ContextVar = contextvars.ContextVar("lrfree_launch_observer", default=None)
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
@@ -59,6 +62,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if grid[0] == 0:  # only zero-element tensors: nothing to do (and CUDA rejects empty grids)
         return
     launch_count += 1
+    observer = launch_observer.get()
+    if observer is None:
+        _run(kernel, grid, args, kwargs)
+    else:
+        with observer(kernel):
+            _run(kernel, grid, args, kwargs)
+
+
+def _run(kernel, grid, args, kwargs) -> None:
     target = kernel_target.get()
     if target is not None:
         target(kernel, grid, args, kwargs)

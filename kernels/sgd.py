@@ -15,6 +15,51 @@ import triton.language as tl
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
+from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
+
+
+@rule_kernel
+def _polyak_rule_kernel(grad_sq, n, h, lr, coef, flag_out, step_size, a, b, loss, found_inf, ok_out, steps, skipped,
+                        RULE: tl.constexpr, Q: tl.constexpr, V: tl.constexpr, GUARD: tl.constexpr,
+                        HAS_LOSS: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """The Polyak family's step in one program (methods/_polyak.py): accept, η from the method's rule,
+    the store, the counters, and coef_i = lr_i · η for every tensor."""
+    total = column_total(grad_sq, n, 0, 1)
+    ok = accept(total, loss, found_inf, GUARD, HAS_LOSS, HAS_FOUND_INF)
+    step, a_new, b_new, flag = RULE(tl.load(loss).to(tl.float64), total, tl.load(steps), tl.load(a), tl.load(b),
+                                    h, Q, V)
+    commit(step_size, step, ok)
+    commit(a, a_new, ok)
+    commit(b, b_new, ok)
+    tl.store(flag_out, (ok & flag).to(tl.int32))
+    finish(ok, ok, ok_out, steps, skipped)
+    i0 = 0
+    while i0 < n:
+        idx = i0 + tl.arange(0, LANES)
+        inside = idx < n
+        tl.store(coef + idx, tl.load(lr + idx, mask=inside, other=0.0) * step, mask=inside)
+        i0 += LANES
+
+
+_FUSED_RULES: dict = {}
+
+
+def polyak_rule(opt, batch, grad_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the rule kernel of a Polyak-family method on the step's per-tensor Σg²; returns every
+    tensor's coefficient lr_i · η and the rule's flag (int32, set only if the step is accepted)."""
+    rule = type(opt).rule
+    kernel_rule = _FUSED_RULES.get(rule)
+    if kernel_rule is None:
+        kernel_rule = _FUSED_RULES[rule] = fused(rule)
+    S = opt.S
+    names = (opt.rule_state + ("steps", "steps"))[:2]  # a stand-in where a method keeps fewer
+    coef = torch.empty(len(batch.items), dtype=torch.float64, device=batch.device)
+    flag = torch.empty((), dtype=torch.int32, device=batch.device)
+    quirks, variant = opt._rule_flags()
+    launch(_polyak_rule_kernel, (1,), grad_sq, len(batch.items), batch.vector(opt._rule_hyperparameters() or (0.0,)),
+           batch.per_item("lr"), coef, flag, S["step_size"], S[names[0]], S[names[1]], RULE=kernel_rule, Q=quirks,
+           V=variant, **step_inputs(batch))
+    return coef, flag
 
 
 @triton.jit

@@ -70,6 +70,17 @@ class StepBatch:
     device: torch.device
     optimizer: "FusedOptimizer"
     sr_base: torch.Tensor | None = None  # 0-d int64 step seed under stochastic rounding, else None
+    found_inf: torch.Tensor | None = None  # GradScaler's flag, as it handed it over (rule kernels read it)
+    ok_i32: torch.Tensor | None = None  # the accept flag a rule kernel wrote (int32), for the apply pass
+
+    @property
+    def rule_kernel(self) -> bool:
+        """Whether the method's scalar rule, the accept decision and the counters run as the method's
+        one-program rule kernel (``lrfree.kernels.scalar_math``) instead of 0-d torch ops: on a fused
+        backend, in a single process (data-parallel steps run the same rule in torch between their
+        collectives), for a method that has one."""
+        opt = self.optimizer
+        return self.fused and opt._layout is None and opt._has_rule_kernel()
 
     @functools.cached_property
     def sr_seeds(self) -> torch.Tensor | None:
@@ -189,7 +200,8 @@ class StepBatch:
         """The same step restricted to some of its tensors (e.g. the groups with lr > 0)."""
         if len(keep) == len(self.items):
             return self
-        sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer, self.sr_base)
+        sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer, self.sr_base,
+                        self.found_inf)
         for name in ("local_grad_sq", "grad_sq"):
             if name in self.__dict__:
                 sub.__dict__[name] = self.__dict__[name].index_select(0, self.index(keep))
@@ -239,6 +251,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
     _step_supports_amp_scaling: ClassVar[bool] = True
     shared_hyperparameters: ClassVar[tuple[str, ...]] = ()
     requires_loss: ClassVar[bool] = False
+    #: the method's fused passes include a rule kernel (see StepBatch.rule_kernel)
+    fused_rule: ClassVar[bool] = False
 
     def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False, stochastic_rounding: bool = False, process_group: Any = None,
@@ -694,6 +708,10 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             batch.sr_base = R.step_seed(counter)
             counter.add_(1.0)  # every step draws new bits, taken or skipped
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
+        if batch.rule_kernel:  # the rule kernel decides, counts and updates the store in one launch
+            batch.found_inf = None if found_inf is None else found_inf.to(device=self.device)
+            self._update(batch)
+            return
         found_inf = None if found_inf is None else found_inf.to(device=self.device, dtype=torch.float64)
         # whether this rank rejects the step, and its loss; data parallel, they join the step's first collective
         rejects = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -736,6 +754,11 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             from .backends import cuda_ext
             launcher = self._launcher = cuda_ext.launcher(self.device)
         return launcher
+
+    def _has_rule_kernel(self) -> bool:
+        """Whether this configuration's fused step uses the method's rule kernel (a method turns it off
+        for options that only the torch rule implements)."""
+        return self.fused_rule
 
     def _coefficient_vector(self, values: tuple, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """A device vector of host values (per-item hyperparameters, indices), cached by value so a

@@ -1,7 +1,8 @@
 """The compiled extension (``csrc/``): building or loading it, and running kernels through it.
 
 The extension implements the element-wise work of the Triton kernels of the methods it covers, one C++
-kernel per Triton kernel with the same arguments; everything else — the scalar rules, the launch
+kernel per Triton kernel with the same arguments; everything else — the scalar rules (their one-program
+rule kernels run in Triton here too, ``lrfree.kernels.scalar_math.rule_kernel``), the launch
 geometry (pointer tables, block map), the per-tensor reductions' bookkeeping — is the same Python code
 the Triton backend runs, with :func:`launch` taking the place of a Triton launch. So there is no second
 copy of any method's math.
@@ -156,6 +157,9 @@ class Launcher:
         self.device = device
 
     def __call__(self, kernel, grid, args, constexprs) -> None:
+        if getattr(kernel, "lrfree_rule", False):  # a one-program rule kernel: Triton on every fused backend
+            kernel[grid](*args, **constexprs)
+            return
         key = kernel_key(kernel)
         names = FLAGS.get(key)
         if names is None:

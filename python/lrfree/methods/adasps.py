@@ -19,8 +19,21 @@ import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
+from ..scalar_math import M
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
+
+
+def adasps_rule(loss, grad_sq, steps, eta_prev, gap_sum, h, Q, V):
+    """AdaSPS's rule (PolyakFamily's signature); h = (c_p, l*)."""
+    c_p, lower_bound = M.at(h, 0), M.at(h, 1)
+    gap = M.maximum(loss - lower_bound, 0.0)
+    gap_sum = gap_sum + gap
+    ratio = M.safe_div(gap, c_p * grad_sq * M.sqrt(gap_sum), float("inf"))
+    ratio = M.where(gap > 0, ratio, 0.0)
+    eta = M.minimum(ratio, eta_prev)
+    step = M.where(grad_sq > 0, eta, 0.0)  # no gradient, no step (η may be ∞)
+    return step, eta, gap_sum, grad_sq > 0
 
 class AdaSPS(PolyakFamily):
     """Adaptive SPS.
@@ -48,12 +61,10 @@ class AdaSPS(PolyakFamily):
         # eta_prev: the running minimum η_{t-1}; step_size: the η applied in the last step.
         return {"step_size": 0.0, "eta_prev": math.inf, "gap_sum": 0.0}
 
-    def _rule(self, loss, grad_sq):
+    rule_state = ("eta_prev", "gap_sum")
+
+    def _rule_hyperparameters(self):
         hp = self.param_groups[0]
-        gap = (loss - hp["lower_bound"]).clamp_min(0.0)
-        gap_sum = self.S["gap_sum"] + gap
-        ratio = R.safe_div(gap, hp["c_p"] * grad_sq * gap_sum.sqrt(), fallback=math.inf)
-        ratio = torch.where(gap > 0, ratio, torch.zeros_like(ratio))
-        eta = torch.minimum(ratio, self.S["eta_prev"])
-        step = torch.where(grad_sq > 0, eta, torch.zeros_like(eta))  # no gradient, no step (η may be ∞)
-        return {"step_size": step, "eta_prev": eta, "gap_sum": gap_sum}
+        return (hp["c_p"], hp["lower_bound"])
+
+    rule = staticmethod(adasps_rule)

@@ -22,10 +22,26 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
 QUIRK_GRAD_OFFSET = 1e-4
 
+
+
+def decsps_rule(loss, grad_sq, steps, c_gamma, unused, h, QUIRKS, SQRT):
+    """DecSPS's rule (PolyakFamily's signature); h = (c0, l*); c_gamma = c_{t−1} γ_{t−1}."""
+    c0, lower_bound = M.at(h, 0), M.at(h, 1)
+    if SQRT:
+        c_t = c0 * M.sqrt(steps + 1.0)
+    else:
+        c_t = c0 * (steps + 1.0)
+    if QUIRKS:
+        ratio = loss / grad_sq
+    else:
+        ratio = M.safe_div(M.maximum(loss - lower_bound, 0.0), grad_sq, float("inf"))
+    c_gamma = M.minimum(ratio, c_gamma)
+    return c_gamma / c_t, c_gamma, unused, grad_sq > 0
 
 class DecSPS(PolyakFamily):
     """Decreasing SPS.
@@ -65,13 +81,17 @@ class DecSPS(PolyakFamily):
             return batch.sync(batch.total(R.sumsq(R.up(it.g, it.p) + QUIRK_GRAD_OFFSET) for it in batch.items))[0]
         return super()._stats(batch)
 
-    def _rule(self, loss, grad_sq):
+    rule_state = ("c_gamma",)
+
+    def _rule_hyperparameters(self):
         hp = self.param_groups[0]
-        t = self.S["steps"]
-        c_t = hp["c0"] * (torch.sqrt(t + 1.0) if hp["decay"] == "sqrt" else t + 1.0)
-        if hp["reference_quirks"]:
-            ratio = loss / grad_sq
-        else:
-            ratio = R.safe_div((loss - hp["lower_bound"]).clamp_min(0.0), grad_sq, fallback=math.inf)
-        c_gamma = torch.minimum(ratio, self.S["c_gamma"])
-        return {"step_size": c_gamma / c_t, "c_gamma": c_gamma}
+        return (hp["c0"], hp["lower_bound"])
+
+    def _rule_flags(self):
+        hp = self.param_groups[0]
+        return hp["reference_quirks"], hp["decay"] == "sqrt"
+
+    def _has_rule_kernel(self) -> bool:
+        return not self.param_groups[0]["reference_quirks"]  # its statistic is torch-only (_stats)
+
+    rule = staticmethod(decsps_rule)

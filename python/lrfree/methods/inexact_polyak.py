@@ -25,8 +25,20 @@ from .. import validation as V
 from ..backends import torch_ref as R
 from ..distributed import local_real
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
+
+
+def inexact_polyak_rule(loss, grad_sq, steps, best_loss, unused, h, Q, BEST):
+    """Algorithm 1's step (PolyakFamily's signature): η = (f − l*)₊ / (√T ‖g‖²); h = (l*, √T). With
+    ``BEST``, the flag says the loss improved on the best one (its parameters are kept), which it replaces."""
+    lower_bound, sqrt_t = M.at(h, 0), M.at(h, 1)
+    step = M.safe_div(M.maximum(loss - lower_bound, 0.0), sqrt_t * grad_sq, 0.0)
+    improved = loss <= best_loss
+    if BEST:
+        best_loss = M.where(improved, loss, best_loss)
+    return step, best_loss, unused, improved
 
 class InexactPolyak(PolyakFamily):
     """Inexact Polyak Stepsize (Algorithm 1 of Takezawa et al., 2024).
@@ -61,27 +73,36 @@ class InexactPolyak(PolyakFamily):
     def initial_scalars(self):
         return {"step_size": 0.0, "best_loss": math.inf}
 
-    def _rule(self, loss, grad_sq):
-        hp = self.param_groups[0]
-        gap = (loss - hp["lower_bound"]).clamp_min(0.0)
-        return {"step_size": R.safe_div(gap, math.sqrt(hp["T"]) * grad_sq)}
+    rule_state = ("best_loss",)
 
-    def _apply(self, batch: StepBatch, coef: torch.Tensor) -> None:
+    def _rule_hyperparameters(self):
+        hp = self.param_groups[0]
+        return (hp["lower_bound"], math.sqrt(hp["T"]))
+
+    def _rule_flags(self):
+        return False, self.param_groups[0]["best_iterate"]
+
+    rule = staticmethod(inexact_polyak_rule)
+
+    def _apply(self, batch: StepBatch, coef: torch.Tensor, flag: torch.Tensor) -> None:
         if not self.param_groups[0]["best_iterate"]:
-            return super()._apply(batch, coef)
-        # f(x_t) is scored before x_t moves: an improving step copies x_t into the best iterate in the
-        # same pass that updates it
-        improved = batch.ok & (batch.loss <= self.S["best_loss"])
-        self._pass("sgd_apply")(batch, coef, copy_best=improved)
-        self._record_if_best(batch.loss, improved, skip={id(it.param) for it in batch.items})
+            return super()._apply(batch, coef, flag)
+        # f(x_t) is scored before x_t moves: an improving step (flag) copies x_t into the best iterate in
+        # the same pass that updates it; the rule has recorded its loss
+        self._pass("sgd_apply")(batch, coef, copy_best=flag)
+        active = {id(it.param) for it in batch.items}
+        if any("best" in state and id(p) not in active for p, state in self.state.items()):
+            self._record_if_best(None, flag.bool(), skip=active)
 
     # -- best iterate ---------------------------------------------------------------------------
-    def _record_if_best(self, loss: torch.Tensor, improved: torch.Tensor, skip=frozenset()) -> None:
-        """``best ← x`` (where ``improved``) for every parameter with a best copy not in ``skip``."""
+    def _record_if_best(self, loss: torch.Tensor | None, improved: torch.Tensor, skip=frozenset()) -> None:
+        """``best ← x`` (where ``improved``) for every parameter with a best copy not in ``skip``, and
+        ``best_loss ← loss`` (None: the rule has)."""
         for p, state in self.state.items():
             if "best" in state and id(p) not in skip:
                 R.commit_(state["best"], self._stepped(p), improved)
-        self._set("best_loss", loss, improved)
+        if loss is not None:
+            self._set("best_loss", loss, improved)
 
     @torch.no_grad()
     def update_best(self, loss) -> None:

@@ -22,9 +22,38 @@ import math
 import torch
 
 from .. import validation as V
+from ..scalar_math import M
 from ._polyak import LR_MULTIPLIER, PolyakFamily
 
 TINY_GRAD_NORM = 1e-8
+
+
+def sps_rule(loss, grad_sq, steps, smooth_ref, unused, h, QUIRKS, SMOOTH):
+    """SPS's rule (PolyakFamily's signature); h = (c, f_star, eta_max, eps, growth per step)."""
+    c, f_star, eta_max, eps, growth = M.at(h, 0), M.at(h, 1), M.at(h, 2), M.at(h, 3), M.at(h, 4)
+    grad_norm = M.sqrt(grad_sq)
+    tiny = grad_norm < TINY_GRAD_NORM
+    if QUIRKS:
+        grad_sq = grad_norm * grad_norm  # the reference squares the norm back: same rounding
+    if SMOOTH and QUIRKS:
+        gap = loss
+    else:
+        gap = loss - f_star
+    polyak = gap / (c * grad_sq + eps)
+    if SMOOTH:
+        cap = growth * smooth_ref
+        if QUIRKS:
+            gamma = M.minimum(cap, polyak)
+        else:
+            gamma = M.minimum(M.minimum(cap, M.maximum(polyak, 0.0)), eta_max)
+    else:
+        gamma = M.where(gap < 0, 0.0, M.minimum(polyak, eta_max))
+    gamma = M.where(tiny, 0.0, gamma)
+    if QUIRKS:
+        new_ref = gamma
+    else:
+        new_ref = M.where(tiny, smooth_ref, gamma)
+    return gamma, new_ref, unused, tiny
 
 
 class SPS(PolyakFamily):
@@ -68,23 +97,16 @@ class SPS(PolyakFamily):
         # step_size: γ applied in the last step; smooth_ref: γ_{t-1} that bounds the next smooth step.
         return {"step_size": 0.0, "smooth_ref": float(self.param_groups[0]["init_step_size"])}
 
-    def _rule(self, loss, grad_sq):
+    rule_state = ("smooth_ref",)
+
+    def _rule_hyperparameters(self):
         hp = self.param_groups[0]
-        quirks = hp["reference_quirks"]
-        eta_max = math.inf if hp["eta_max"] is None else hp["eta_max"]
-        grad_norm = grad_sq.sqrt()
-        tiny = grad_norm < TINY_GRAD_NORM
-        if quirks:
-            grad_sq = grad_norm * grad_norm  # the reference squares the norm back: same rounding
-        smooth = hp["adapt_flag"] == "smooth_iter"
-        gap = loss if (smooth and quirks) else loss - hp["f_star"]
-        polyak = gap / (hp["c"] * grad_sq + hp["eps"])
-        if smooth:
-            growth = hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"])
-            cap = growth * self.S["smooth_ref"]
-            gamma = torch.minimum(cap, polyak) if quirks else torch.minimum(cap, polyak.clamp_min(0.0)).clamp_max(eta_max)
-        else:
-            gamma = torch.where(gap < 0, torch.zeros_like(polyak), polyak.clamp_max(eta_max))
-        gamma = torch.where(tiny, torch.zeros_like(gamma), gamma)
-        new_ref = gamma if quirks else torch.where(tiny, self.S["smooth_ref"], gamma)
-        return {"step_size": gamma, "smooth_ref": new_ref}
+        growth = hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"])
+        return (hp["c"], hp["f_star"], math.inf if hp["eta_max"] is None else hp["eta_max"], hp["eps"], growth)
+
+    def _rule_flags(self):
+        hp = self.param_groups[0]
+        return hp["reference_quirks"], hp["adapt_flag"] == "smooth_iter"
+
+    rule = staticmethod(sps_rule)
+
