@@ -43,10 +43,14 @@ def _settings(config):
 
 
 def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
-        return
     device, mode = _settings(metafunc.config)
     only = [s for s in metafunc.config.getoption("--bench-only").split(",") if s]
+    if "ops_case" in metafunc.fixturenames:  # every contender on every backend, counted once (not timed)
+        every = [c for c in C.contenders(("torch", "triton", "cuda")) if not only or any(s in c.name for s in only)]
+        metafunc.parametrize("ops_case", [(W.DEVICE_OPS, c) for c in every],
+                             ids=[f"{W.DEVICE_OPS.label}/{c.name}" for c in every])
+    if "case" not in metafunc.fixturenames:
+        return
     cases, ids = [], []
     max_numel = environment.max_sweep_numel(device) if W.has_sweep(mode) else None
     for workload in W.workloads(mode, max_numel):

@@ -41,6 +41,8 @@ class Row:
     bytes_per_element: int
     implemented_bytes: int | None = None
     host_syncs: int | None = None
+    device_ops: int | None = None
+    kind: str = "step"                   # "step": a timed step; "device_ops": a counted one (test_device_ops)
     state_bytes: float | None = None
     peak_extra_bytes: float | None = None
 
@@ -56,10 +58,15 @@ class Run:
     rows: list[Row] = field(default_factory=list)
 
     def workloads(self, sweep: bool = False) -> list[str]:
-        return list(dict.fromkeys(r.workload for r in self.rows if r.sweep == sweep and r.contender != "copy"))
+        return list(dict.fromkeys(r.workload for r in self.rows
+                                  if r.sweep == sweep and r.contender != "copy" and r.kind == "step"))
 
     def rows_of(self, workload: str) -> list[Row]:
-        return [r for r in self.rows if r.workload == workload]
+        return [r for r in self.rows if r.workload == workload and r.kind == "step"]
+
+    def counted(self) -> list[Row]:
+        """The device-operation counts (test_device_ops)."""
+        return [r for r in self.rows if r.kind == "device_ops"]
 
     def find(self, workload: str, contender: str) -> Row | None:
         return next((r for r in self.rows_of(workload) if r.contender == contender), None)
@@ -101,6 +108,7 @@ def load(path: str) -> Run:
             backend=e["backend"], numel=e["numel"], n_tensors=e["n_tensors"], dtype=e["dtype"], sweep=e["sweep"],
             median=bench["stats"]["median"], bytes_per_element=e["bytes_per_element"],
             implemented_bytes=e.get("implemented_bytes_per_element"), host_syncs=e.get("host_syncs_per_step"),
+            device_ops=e.get("device_ops_per_step"), kind=e.get("kind", "step"),
             state_bytes=e.get("state_bytes_per_param"), peak_extra_bytes=e.get("peak_extra_bytes_per_param")))
     return run
 
@@ -146,8 +154,8 @@ def workload_table(run: Run, workload: str) -> list[str]:
     lines = [f"**{workload}** — {_count(first.numel)} elements in {first.n_tensors} tensors; copy bandwidth "
              f"{_fmt(bandwidth and bandwidth / 1e9, '.1f', NOT_MEASURED)} GB/s", "",
              "| contender | median step | B/elem (minimal) | achieved GB/s | % of roofline | × AdamW(fused) | "
-             "speed-up vs official | state B/param | peak extra B/param | host syncs/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "speed-up vs official | state B/param | peak extra B/param | host syncs/step | device ops/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         achieved = roofline.achieved_bandwidth(r.bytes_per_element, r.numel, r.median) / 1e9
         speedup = run.speedup_vs_official(r)
@@ -155,7 +163,7 @@ def workload_table(run: Run, workload: str) -> list[str]:
             f"| {r.contender} | {_time(r.median)} | {r.bytes_per_element} | {achieved:.1f} | "
             f"{_fmt(run.percent_of_roofline(r), '.1f')} | {_fmt(run.vs_baseline(r), '.2f')} | "
             f"{_fmt(speedup, '.2f')}{'×' if speedup else ''} | {_fmt(r.state_bytes, '.1f')} | "
-            f"{_fmt(r.peak_extra_bytes, '.2f')} | {_fmt(r.host_syncs, 'd')} |")
+            f"{_fmt(r.peak_extra_bytes, '.2f')} | {_fmt(r.host_syncs, 'd')} | {_fmt(r.device_ops, 'd')} |")
     return lines
 
 
@@ -175,6 +183,25 @@ def sweep_table(run: Run) -> list[str]:
             r = run.find(w, name)
             cells.append("—" if r is None else f"{r.median / r.numel * 1e9:.3g}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def device_ops_table(run: Run) -> list[str]:
+    """Device operations per step of every method on every backend, next to torch's AdamW and the official
+    packages (one row per method)."""
+    rows = run.counted()
+    if not rows:
+        return []
+    first = rows[0]
+    backends = [b for b in ("torch", "triton", "cuda") if any(r.family == "lrfree" and r.backend == b for r in rows)]
+    lines = [f"**Device operations per step** — kernel launches plus torch ops (`lrfree.device_ops`), at "
+             f"{first.workload} ({first.n_tensors} tensors; the count does not depend on the sizes)", "",
+             "| method | " + " | ".join(f"lrfree [{b}]" for b in backends) + " | others |",
+             "|---|" + "---|" * (len(backends) + 1)]
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = {r.backend: r.device_ops for r in rows if r.method == method and r.family == "lrfree"}
+        others = ", ".join(f"{r.contender} {r.device_ops}" for r in rows if r.method == method and r.family != "lrfree")
+        lines.append(f"| {method} | " + " | ".join(_fmt(mine.get(b), "d") for b in backends) + f" | {others or '—'} |")
     return lines
 
 
@@ -259,9 +286,51 @@ TARGETS = [
 ]
 
 
-def targets_table(run: Run | None) -> list[str]:
+FOREACH = "torch.optim.AdamW(foreach=True)"
+CPU_WORKLOAD = "gpt2-narrow-float32"  # GPT-2's 148 tensors at width 64: ~0.75M elements (quick mode)
+
+
+@dataclass(frozen=True)
+class CpuRatioTarget(Target):
+    """The torch backend on a CPU against torch's foreach AdamW, measured side by side in one run."""
+    contenders: tuple[str, ...] = ()
+    limit: float = 2.0
+
+    def check(self, run):
+        base = run.find(self.workload, FOREACH)
+        rows = [run.find(self.workload, c) for c in self.contenders]
+        if base is None or None in rows:
+            return None
+        ratios = [(r.median / base.median, r) for r in rows]
+        worst = max(ratios, key=lambda x: x[0])
+        return f"highest {worst[0]:.2f}× ({worst[1].method})", worst[0] <= self.limit
+
+
+@dataclass(frozen=True)
+class CpuOfficialTarget(Target):
+    """The torch backend no slower than the official package of the same method (speed-up ≥ 1)."""
+
+    def check(self, run):
+        rows = [r for r in run.rows_of(self.workload) if r.family == "lrfree" and r.backend == "torch"
+                and run.speedup_vs_official(r) is not None]
+        if not rows:
+            return None
+        speedups = sorted((run.speedup_vs_official(r), r.method) for r in rows)
+        return ", ".join(f"{m} {x:.2f}×" for x, m in speedups), speedups[0][0] >= 1.0
+
+
+CPU_TARGETS = [
+    CpuRatioTarget("every lrfree method (torch backend) ≤ 2× torch.optim.AdamW(foreach=True)", CPU_WORKLOAD,
+                   tuple(f"lrfree.{m}[torch]" for m in TRITON_METHODS), 2.0),
+    CpuRatioTarget("lrfree AdamW (torch backend) ≤ 1.5× torch.optim.AdamW(foreach=True)", CPU_WORKLOAD,
+                   ("lrfree.AdamW[torch]",), 1.5),
+    CpuOfficialTarget("no slower than the official package of the same method (speed-up ≥ 1×)", CPU_WORKLOAD),
+]
+
+
+def targets_table(run: Run | None, targets: list[Target] = TARGETS) -> list[str]:
     lines = ["| target | measured | met |", "|---|---|---|"]
-    for target in TARGETS:
+    for target in targets:
         result = target.check(run) if run is not None else None
         value, met = (NOT_MEASURED, "—") if result is None else (result[0], "yes" if result[1] else "**no**")
         lines.append(f"| {target.text} | {value} | {met} |")
@@ -399,7 +468,10 @@ run: an implementation with extra passes (any of them: ours or a reference packa
 prodigyopt, dog-optimizer, parameterfree). *State* is the bytes the optimizer keeps per parameter; *peak
 extra* the memory one step allocates beyond that (CUDA only). *Host syncs* counts the device values one
 step reads back (on a CPU run every read counts, including torch.optim's CPU step counters, which cost
-no sync on a GPU).
+no sync on a GPU). *Device ops* counts what one step issues to the device: kernel launches plus every
+torch op that does device work, 0-d scalar arithmetic included (`lrfree.device_ops`); on a GPU each is a
+launch of a few µs in series with the step, so at small and medium sizes it is what separates fused
+steps. The count is the same on a CPU as on a GPU (the Triton backend's is recorded in CI's smoke run).
 """.format(nm=NOT_MEASURED)
 
 
@@ -431,6 +503,12 @@ def render(runs: list[Run], chart_paths: dict[str, list[str]], out_path: str) ->
             lines += ["A CPU run: absolute times say nothing about GPU speed and the Triton backend is not timed "
                       "(only the interpreter runs it on a CPU). What carries over is the ratio between "
                       "implementations of the same math on the same device.", ""]
+            if run.find(CPU_WORKLOAD, FOREACH) is not None:
+                lines += [f"The torch backend on this CPU ({CPU_WORKLOAD}, side by side in this run):", "",
+                          *targets_table(run, CPU_TARGETS), ""]
+        counted = device_ops_table(run)
+        if counted:
+            lines += counted + [""]
         for workload in run.workloads():
             lines += workload_table(run, workload) + [""]
         if run.device_type == "cuda":

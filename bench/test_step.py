@@ -2,7 +2,8 @@
 
 Each benchmark times ``step()`` followed by a device synchronize (what a training loop waits for), from
 the same parameters and the same random gradients for every contender. Before timing it takes one step
-(lazy state creation), then one step counting host syncs and one measuring peak extra memory; after
+(lazy state creation), then one step counting host syncs, one measuring peak extra memory and one counting
+device operations (``lrfree.device_ops``: kernel launches and torch ops, each a launch on a GPU); after
 timing it checks that the parameters are still finite and that an lrfree optimizer skipped no step, so a
 fast-but-wrong contender cannot slip into the table. ``extra_info`` carries what the report needs.
 """
@@ -16,6 +17,7 @@ import torch
 
 import measure
 import roofline
+from lrfree.device_ops import count_device_ops
 from contenders import Contender
 from workloads import Materialized, Workload
 
@@ -85,6 +87,8 @@ def test_step(benchmark, case, bench_device, rounds):
         measure.synchronize(bench_device)
     with measure.PeakMemory(bench_device) as peak:
         contender.step(opt, data.loss)
+    with count_device_ops() as ops:
+        contender.step(opt, data.loss)
 
     describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend)
     fused = (roofline.fused_bytes(contender.method, workload.param_bytes)
@@ -92,6 +96,7 @@ def test_step(benchmark, case, bench_device, rounds):
     benchmark.extra_info.update({
         "implemented_bytes_per_element": fused,
         "host_syncs_per_step": measure.host_syncs(counts),
+        "device_ops_per_step": ops.total,
         "state_bytes_per_param": measure.state_bytes(opt) / workload.numel,
         "peak_extra_bytes_per_param": None if peak.extra is None else peak.extra / workload.numel,
     })
@@ -114,3 +119,38 @@ def test_step(benchmark, case, bench_device, rounds):
         p.grad = None
         p.data = torch.empty(0, device=bench_device, dtype=p.dtype)
     release(bench_device)
+
+
+def test_device_ops(benchmark, ops_case, bench_device):
+    """Device operations of one step (``lrfree.device_ops``), for every contender on every backend at GPT-2's
+    tensor layout. A count, not a time: the benchmark runs the counted step once (on a CPU the Triton
+    backend runs in its interpreter, which issues the same launches)."""
+    workload, contender = ops_case
+    contender: Contender
+    reason = contender.unavailable()
+    if reason:
+        pytest.skip(reason)
+    data = Materialized(workload, bench_device)
+    params = data.fresh_params()
+    try:
+        opt = contender.make(params)
+        for _ in range(2):  # lazy state, then a steady-state step
+            contender.step(opt, data.loss)
+    except Exception as exc:
+        if contender.family == "lrfree" and contender.backend != "cuda":
+            raise
+        pytest.skip(f"{contender.name} fails on {workload.label}: {type(exc).__name__}: {exc}")
+    describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend)
+    counted = {}
+
+    def run():
+        with count_device_ops() as ops:
+            contender.step(opt, data.loss)
+            measure.synchronize(bench_device)
+        counted["ops"] = ops
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update({"kind": "device_ops", "device_ops_per_step": counted["ops"].total,
+                                 "device_ops": dict(counted["ops"].by_name)})
+    if contender.family == "lrfree":
+        assert float(opt.scalars()["skipped"]) == 0, f"{contender.name} skipped steps on {workload.label}"

@@ -93,6 +93,10 @@ def _short(n: int) -> str:
     return str(n)
 
 
+# Device operations per step (bench/test_step.py::test_device_ops) do not depend on the sizes, only on the
+# tensor count and layout: GPT-2's 148 tensors at a width the Triton interpreter steps in seconds on a CPU.
+DEVICE_OPS = Workload("gpt2-layout", gpt2_shapes(12, 16, 64, 8), torch.float32)
+
 MODES = ("smoke", "quick", "full", "check")
 # (timed rounds, warm-up rounds) per benchmark; the GPU check trades rounds for its time budget
 ROUNDS = {"smoke": (2, 1), "quick": (10, 2), "full": (30, 5), "check": (12, 3)}

@@ -53,7 +53,14 @@ def test_smoke_run_and_report(tmp_path):
     assert "not yet measured" in text  # a CPU run fills no GPU target
 
     data = json.loads(json_path.read_text())
-    rows = {(b["extra_info"]["workload"], b["extra_info"]["contender"]): b["extra_info"] for b in data["benchmarks"]}
+    counted = {b["extra_info"]["contender"]: b["extra_info"] for b in data["benchmarks"]
+               if b["extra_info"].get("kind") == "device_ops"}
+    assert "**Device operations per step**" in text
+    for c in expected:  # every contender's step counted once, and reported
+        assert counted[c.name]["device_ops_per_step"] > 0, c.name
+    assert counted["torch.optim.AdamW(fused=True)"]["device_ops_per_step"] <= 3  # the fused baseline: one kernel
+    rows = {(b["extra_info"]["workload"], b["extra_info"]["contender"]): b["extra_info"] for b in data["benchmarks"]
+            if b["extra_info"].get("kind", "step") == "step"}
     for (workload, name), info in rows.items():
         if name.startswith("lrfree."):
             assert info["host_syncs_per_step"] == 0, name
@@ -121,6 +128,36 @@ def test_report_arithmetic(tmp_path):
     assert "| PSDASGD (triton) ≤ 1.15× fused AdamW | 1.25 | **no** |" in text
     assert "| PSDASGD | 5 ms | 4 ms | 1.25 | cuda |" in text
     assert "| AdamW | 3.5 ms | 4 ms | 0.88 | triton |" in text
+
+
+def test_report_cpu_targets(tmp_path):
+    """The torch backend's CPU targets, against foreach AdamW and the official packages, by hand."""
+    w = report.CPU_WORKLOAD
+    benches = [
+        _bench(w, report.FOREACH, 1e-3, method="AdamW", family="torch", backend="foreach"),
+        _bench(w, "lrfree.AdamW[torch]", 1.4e-3, backend="torch"),                       # 1.4×: met
+        _bench(w, "lrfree.Prodigy[torch]", 2.5e-3, backend="torch"),                     # 2.5×: not met
+        _bench(w, "prodigyopt.Prodigy", 2e-3, method="Prodigy", family="official", backend=""),  # 0.8×
+        _bench(w, "lrfree.DoG[torch]", 1e-3, backend="torch"),
+        _bench(w, "dog.DoG", 3e-3, method="DoG", family="official", backend=""),          # 3×
+    ]
+    benches.append({"stats": {"median": 0.1}, "extra_info": {  # a device-ops count: in its own table only
+        **benches[1]["extra_info"], "workload": "gpt2-layout-float32", "kind": "device_ops",
+        "device_ops_per_step": 7}})
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"datetime": "now", "benchmarks": benches, "machine_info": {"lrfree": {
+        "device": "Test CPU", "device_type": "cpu", "mode": "quick", "versions": {}}}}))
+    run = report.load(str(path))
+    assert run.workloads() == [w]
+    every, adamw, official = (t.check(run) for t in report.CPU_TARGETS)
+    assert every is None  # not every method was timed
+    assert adamw == ("highest 1.40× (AdamW)", True)
+    assert official == ("Prodigy 0.80×, DoG 3.00×", False)
+    out = tmp_path / "RESULTS.md"
+    report.main([str(path), "--out", str(out), "--no-charts"])
+    text = out.read_text()
+    assert "| lrfree AdamW (torch backend) ≤ 1.5× torch.optim.AdamW(foreach=True) | highest 1.40× (AdamW) | yes |" in text
+    assert "| AdamW | 7 | — |" in text  # the device-ops table
 
 
 def test_bytes_model():
