@@ -18,7 +18,7 @@ import triton.language as tl
 
 F64 = torch.float64
 # lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them)
-LANES = 1024
+LANES = tl.constexpr(1024)  # a constexpr: a plain global cannot be read inside a compiled @jit function
 
 
 @triton.jit

@@ -93,7 +93,7 @@ def test_gnb_estimate_converges_to_the_gauss_newton_curvature():
 
 
 def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradient="batch", dtype=F64, steps=4,
-              base=None, weight_decay=0.1, skip_nonfinite=True):
+              base=None, weight_decay=0.1, skip_nonfinite=True, growth_rate=1.02):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
     if base is None:
@@ -101,7 +101,7 @@ def _adam_run(backend, *, decoupled=True, amsgrad=False, curvature="gnb", gradie
         base = cls(model.parameters(), weight_decay=weight_decay, amsgrad=amsgrad, backend=backend)
     else:
         base = base(model.parameters())
-    opt = lrfree.GLyDER(base, lr=0.8, curvature=curvature, gradient=gradient, beta=0.5,
+    opt = lrfree.GLyDER(base, lr=0.8, curvature=curvature, gradient=gradient, beta=0.5, growth_rate=growth_rate,
                         smoothness=3.0 if curvature == "constant" else None, skip_nonfinite=skip_nonfinite)
     data = torch.Generator().manual_seed(1)
     xb, yb = torch.randn(16, 5, generator=data).to(dtype), torch.randint(3, (16,), generator=data)
@@ -135,7 +135,8 @@ ADAM_CASES = [dict(), dict(decoupled=False), dict(weight_decay=0.0), dict(decoup
               dict(amsgrad=True), dict(curvature="constant"),
               dict(gradient="split"), dict(gradient="split", curvature="constant", decoupled=False),
               dict(skip_nonfinite=False), dict(skip_nonfinite=False, gradient="split", amsgrad=True, decoupled=False),
-              dict(curvature="fd"), dict(curvature="fd", amsgrad=True, decoupled=False)]
+              dict(curvature="fd"), dict(curvature="fd", amsgrad=True, decoupled=False),
+              dict(growth_rate=math.inf), dict(growth_rate=math.inf, curvature="constant", skip_nonfinite=False)]
 
 
 @pytest.mark.parametrize("backend", ["triton"])
@@ -266,11 +267,14 @@ def _recorded_steps(options: dict, skip_nonfinite: bool, monkeypatch) -> list[li
 @pytest.mark.parametrize("options", [{}, {"gradient": "split", "amsgrad": True}], ids=["batch", "split-amsgrad"])
 def test_fused_steady_state_step_is_pass_a_and_pass_b(options, skip_nonfinite, monkeypatch):
     """No Σg² pass and no foreach norm of ĝ: with the guard, pass A writes nothing and reduces the guard's
-    sums (GUARD) and pass B stores m and v (MOMENTS); without it, A stores them and B reads them."""
+    sums (GUARD) and pass B stores m and v (MOMENTS); without it, A stores them and B reads them. Besides
+    them, one-program launches only: the step's table before A, the rule kernel between A and B."""
     steady = _recorded_steps(options, skip_nonfinite, monkeypatch)[-1]
-    element = [launch for launch in steady if launch.name != "multi_tensor._segment_reduce_kernel"]
-    assert [launch.name for launch in element] == ["glyder._stats_kernel", "glyder._apply_kernel"]
-    stats, apply = element
+    launches = [launch for launch in steady if launch.name != "multi_tensor._segment_reduce_kernel"]
+    assert [launch.name for launch in launches] == ["glyder._table_kernel", "glyder._stats_kernel",
+                                                    "glyder._glyder_rule_kernel", "glyder._apply_kernel"]
+    assert [launch.grid for launch in launches[::2]] == [(1,), (1,)]
+    stats, apply = launches[1], launches[3]
     assert stats.kwargs["GUARD"] is skip_nonfinite and apply.kwargs["MOMENTS"] is skip_nonfinite
     assert apply.kwargs["AMSGRAD"] is options.get("amsgrad", False)
 
@@ -521,3 +525,125 @@ def test_gnb_backward_with_a_generator_is_reproducible_and_leaves_the_global_rng
     assert all(torch.equal(a, b) for a, b in zip(*ghats))
     opt.gnb_backward(model(x))  # without a generator: the global RNG draws
     assert not torch.equal(torch.get_rng_state(), rng)
+
+
+# --------------------------------------------------------------------- the rule, torch and kernel; GradScaler
+# (⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩; N, Q, η, cap): a step under the cap and one above it, no descent (⟨a, d⟩ < 0), a zero
+# and a non-finite curvature estimate (kept state), an infinite cap, a zero direction
+GLYDER_RULE_INPUTS = [(2.0, 3.0, 0.5, 0.1, 0.2, 0.01, 1.0), (2.0, 3.0, 0.5, 0.1, 0.2, 0.01, 1e-4),
+                      (-2.0, 3.0, 0.5, 0.1, 0.2, 0.01, 1.0), (2.0, 3.0, 0.0, 0.1, 0.2, 0.01, 1.0),
+                      (2.0, 3.0, math.nan, 0.1, 0.2, 0.01, 1.0), (2.0, 3.0, 0.5, 0.0, 0.0, 0.0, math.inf),
+                      (0.0, 0.0, 0.0, 0.1, 0.2, 0.01, 1.0), (1e-300, 1e300, 1e-150, 1.0, 1.0, 1.0, 1.0)]
+
+
+def _glyder_batch(opt, found_inf=None):
+    """A step of ``opt`` (every parameter with a gradient) as its rule kernel sees it."""
+    from lrfree.optimizer import StepBatch, StepInputs
+    items = opt._gather()
+    opt._sync_store()
+    batch = StepBatch(items, StepInputs(None, None), torch.device("cpu"), opt)
+    batch.found_inf = found_inf
+    return batch
+
+
+def _same(x: float, y: float) -> bool:
+    return (math.isnan(x) and math.isnan(y)) or x == y or math.isclose(x, y, rel_tol=1e-14, abs_tol=0.0)
+
+
+@pytest.mark.parametrize("options", [{}, {"growth_rate": math.inf}, {"curvature": "constant", "smoothness": 3.0},
+                                     {"curvature": "constant", "smoothness": 3.0, "skip_nonfinite": False}],
+                         ids=["gnb", "gnb-uncapped", "constant", "constant-noguard"])
+def test_the_rule_kernel_agrees_with_the_torch_rule(options):
+    """glyder_rule run on 0-d tensors (``GLyDER._rule``) and compiled into the rule kernel, on edge inputs;
+    the kernel sums the per-tensor statistics itself and writes every tensor's coefficient lr_i·η."""
+    from lrfree.kernels import glyder as kernels
+    params = [torch.nn.Parameter(torch.ones(3, dtype=F64)) for _ in range(3)]
+    opt = lrfree.GLyDER(lrfree.Adam([{"params": params[:2]}, {"params": params[2:]}], backend="triton"), beta=0.7,
+                        **options)
+    opt.param_groups[1]["lr"] = 0.5
+    opt._gnb_examples = 16
+    for p in params:
+        p.grad = torch.ones_like(p)
+    k = 7 if opt._pass_a_guards else 4
+    for inner, dir_sq, gnb_dot, numerator, curvature, step_size, cap in GLYDER_RULE_INPUTS:
+        case = (inner, dir_sq, gnb_dot, numerator, curvature, step_size, cap)
+        batch = _glyder_batch(opt)
+        for name, value in (("numerator", numerator), ("curvature", curvature), ("step_size", step_size),
+                            ("step_size_cap", cap), ("capped", 2.0), ("curvature_skips", 1.0), ("steps", 4.0),
+                            ("skipped", 0.0)):
+            opt.S[name].fill_(value)
+        opt.S["step"].fill_(4.0)
+        stats = torch.zeros(3, k, dtype=F64)  # each total split over the first two tensors
+        stats[:2, :3] = torch.tensor([inner, dir_sq, gnb_dot], dtype=F64) / 2
+        expected = opt._rule(stats.sum(0), None)
+        coef = kernels.glyder_rule(opt, batch, stats)
+        assert int(batch.ok_i32) == 1, case
+        for name, value in expected.items():
+            assert _same(float(opt.S[name]), float(value)), (case, name, float(opt.S[name]), float(value))
+        lr = [g["lr"] for g in opt.param_groups for _ in g["params"]]
+        assert all(_same(float(c), l * float(expected["step_size"])) for c, l in zip(coef, lr)), case
+        assert torch.equal(opt.S["step"], torch.full((3,), 5.0, dtype=F64)), case
+        assert float(opt.S["steps"]) == 5.0 and float(opt.S["skipped"]) == 0.0, case
+
+
+@pytest.mark.parametrize("bad, column, found_inf, guard, taken", [
+    (math.inf, 4, None, True, False), (math.nan, 5, None, True, False), (math.inf, 6, None, True, False),
+    (0.0, 4, torch.tensor(1.0), True, False), (0.0, 4, torch.tensor(0.0), True, True),
+    (math.inf, 0, torch.tensor(1.0), False, False), (math.inf, 0, None, False, True)])
+def test_the_rule_kernel_commits_only_an_accepted_step_and_counts_it(bad, column, found_inf, guard, taken):
+    """Under the guard the witness is Σ of pass A's Σg², Σĝ², Σa² columns; GradScaler's flag rejects a step
+    either way. A rejected step leaves the rule's state and the step counts as they were."""
+    from lrfree.kernels import glyder as kernels
+    params = [torch.nn.Parameter(torch.ones(3, dtype=F64)) for _ in range(2)]
+    opt = lrfree.GLyDER(lrfree.Adam(params, backend="triton"), skip_nonfinite=guard)
+    opt._gnb_examples = 16
+    for p in params:
+        p.grad = torch.ones_like(p)
+    batch = _glyder_batch(opt, found_inf)
+    for name, value in (("numerator", 0.1), ("curvature", 0.2), ("step_size", 0.01), ("step_size_cap", 1.0)):
+        opt.S[name].fill_(value)
+    opt.S["step"].fill_(3.0)
+    before = {name: v.clone() for name, v in opt.S.items()}
+    stats = torch.ones(2, 7 if guard else 4, dtype=F64)
+    stats[1, column] = bad
+    kernels.glyder_rule(opt, batch, stats)
+    assert int(batch.ok_i32) == int(taken)
+    assert float(opt.S["steps"]) == float(taken) and float(opt.S["skipped"]) == float(not taken)
+    for name in ("numerator", "curvature", "step_size", "step"):
+        assert torch.equal(opt.S[name], before[name]) != taken, name
+
+
+@pytest.mark.parametrize("skip_nonfinite", [True, False], ids=["guard", "noguard"])
+def test_a_fused_step_gradscaler_rejects_is_skipped_bit_for_bit(skip_nonfinite):
+    """GradScaler hands its found-inf flag to the step (``found_inf``): a flagged step leaves x, m, v, the
+    step counts and every scalar as they were, and the run then goes on as one that never saw it. Without
+    the guard, pass A commits m and v before the rule kernel decides: under the flag it must not."""
+    def run(steps):
+        """(seed of the step's gradients, GradScaler's flag or None) per step, after two plain steps."""
+        _, opt = _adam_run("triton", skip_nonfinite=skip_nonfinite, dtype=torch.float32, steps=2)
+        params = _model_params(opt)
+        for seed, flag in steps:
+            gen = torch.Generator().manual_seed(seed)
+            opt.zero_grad()
+            opt.set_gnb_gradient([torch.randn(p.shape, generator=gen) for p in params], 16)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            before = ([p.detach().clone() for p in params],
+                      [{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+                      {k: v for k, v in opt.scalars().items() if k != "skipped"})
+            if flag is not None:
+                opt.found_inf = torch.tensor(flag)
+            opt.step()
+            if flag is not None:
+                del opt.found_inf
+            if flag == 1.0:
+                assert all(torch.equal(a, b) for a, b in zip(before[0], params))
+                for p, saved in zip(params, before[1]):
+                    assert all(torch.equal(saved[k], opt.state[p][k]) for k in saved)
+                assert all(torch.equal(before[2][k], opt.scalars()[k]) for k in before[2])
+        return [p.detach().clone() for p in params], opt
+
+    flagged, flagged_opt = run([(20, 1.0), (21, 0.0)])
+    clean, clean_opt = run([(21, None)])
+    assert float(flagged_opt.scalars()["skipped"]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(flagged, clean))

@@ -56,7 +56,11 @@ paper uses, if any, is not public, ALGORITHMS §3.2):
 Directions: with ``lrfree.Adam``/``AdamW`` as the base, d = m̂/(√v̂ + ε) (+ wd·x, AdamW) is formed in
 registers in one fused pass (A) that reduces ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩ and ⟨g, d⟩ per tensor; a second pass (B)
 applies x ← x − lr·η·d. With the non-finite guard on, A writes nothing and its Σg², Σĝ², Σa² are the guard,
-and B stores the new m and v with x; otherwise A stores m and v (see ``lrfree.kernels.glyder``). The
+and B stores the new m and v with x; otherwise A stores m and v (see ``lrfree.kernels.glyder``). Single-
+process, the step-size rule (``glyder_rule``) runs between them as one launch with the accept decision, the
+counters, the step counts and every tensor's coefficient, and one launch before A forms every tensor's bias
+corrections (``adam_bias_corrections``): with the statistics' reduction, a step is five launches. The torch
+backend, data-parallel steps and the finite difference call the same ``glyder_rule`` on 0-d tensors. The
 base's own lr is not used. Any other optimizer (a torch optimizer, another lrfree method) takes its
 ordinary step and d = x_before − x_after is materialized (one extra parameter-sized buffer); the base's lr
 then only sets the scale of d, which η divides out, and the gradient in ⟨a, d⟩ is ``p.grad`` (a base's own
@@ -75,6 +79,7 @@ from . import validation as V
 from .backends import torch_ref as R
 from .methods.adam import Adam, AdamW, update_moments_
 from .optimizer import FusedOptimizer, StepBatch
+from .scalar_math import M
 
 __all__ = ["GLyDER", "sampled_label_gradient"]
 
@@ -83,6 +88,48 @@ CURVATURES = ("gnb", "fd", "constant")
 # columns of the per-tensor statistics: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩; when the fused pass A is the non-finite
 # guard (GLyDER._pass_a_guards) also Σg², Σĝ², Σa² (the latter two 0 without ĝ or a)
 NUMERATOR, DIR_SQ, GNB, GRAD_DOT, GRAD_SQ, GNB_SQ, PROBE_SQ = range(7)
+# glyder_rule's compile-time curvature flag: CURVATURES.index(curvature)
+CURVATURE_GNB, CURVATURE_FD, CURVATURE_CONSTANT = range(3)
+# the store scalars glyder_rule reads and returns, in its order
+RULE_STATE = ("numerator", "curvature", "step_size", "dir_norm", "step_size_cap", "capped", "curvature_skips")
+
+
+def glyder_rule(inner, dir_sq, gnb_dot, probe_q, numerator, curvature, step_size, cap, capped, skips, h, CURVATURE,
+                CAPPED):
+    """GLyDER's step size (``lrfree.scalar_math`` style): η = min(max(N, 0)/Q, cap) from the step's summed
+    ⟨a, d⟩ (``inner``), ‖d‖², ⟨ĝ, d⟩ and, for the finite difference, its curvature ``probe_q``; the state
+    is RULE_STATE (N, Q, η, ‖d‖, the cap, the capped and curvature-skip counts) and ``h`` = (β, growth_rate,
+    smoothness, GNB examples B). A step whose curvature estimate q is non-finite or <= 0 keeps N, Q and η
+    (see the module docstring). CURVATURE: CURVATURE_GNB/FD/CONSTANT; CAPPED: growth_rate is finite.
+    Returns the new values of RULE_STATE."""
+    beta = M.at(h, 0)
+    if CURVATURE == CURVATURE_GNB:
+        q = M.at(h, 3) * (gnb_dot * gnb_dot)
+    elif CURVATURE == CURVATURE_CONSTANT:
+        q = M.at(h, 2) * dir_sq
+    else:
+        q = probe_q
+    valid = M.isfinite(q) & (q > 0)  # a select, so a NaN q never reaches the EMAs
+    numerator_new = M.where(valid, beta * numerator + (1.0 - beta) * inner, numerator)
+    curvature_new = M.where(valid, beta * curvature + (1.0 - beta) * q, curvature)
+    proposed = M.safe_div(M.maximum(numerator_new, 0.0), curvature_new, 0.0)
+    if CAPPED:
+        eta = M.minimum(proposed, cap)
+        capped_new = capped + M.where(valid & (proposed > cap), 1.0, 0.0)
+    else:
+        eta = proposed
+        capped_new = capped
+    eta = M.where(valid, eta, step_size)
+    # a zero step (N <= 0: no evidence of descent) keeps the cap, so the next positive estimate is not held
+    # at 0 forever
+    cap_new = M.where(valid & (eta > 0), eta * M.at(h, 1), cap)
+    return (numerator_new, curvature_new, eta, M.sqrt(dir_sq), cap_new, capped_new,
+            skips + M.where(valid, 0.0, 1.0))
+
+
+def adam_bias_corrections(t, beta1, beta2):
+    """The Adam direction's per-tensor factors at step t: 1/(1 − β1^t) and 1/√(1 − β2^t)."""
+    return 1.0 / (1.0 - M.pow(beta1, t)), 1.0 / M.sqrt(1.0 - M.pow(beta2, t))
 
 
 def sampled_label_gradient(logits: torch.Tensor, params: list[torch.Tensor],
@@ -219,6 +266,23 @@ class GLyDER(FusedOptimizer):
     def initial_tensor_scalars(self, group, p):
         return {"step": 0.0} if self.adam_direction else {}
 
+    rule = staticmethod(glyder_rule)
+    bias_corrections = staticmethod(adam_bias_corrections)
+
+    def _has_rule_kernel(self) -> bool:
+        # the fused Adam direction; the finite difference runs its closure between the statistics and the
+        # rule (torch ops), so it keeps the torch rule
+        return self.adam_direction and self.curvature != "fd"
+
+    def _rule_hyperparameters(self) -> tuple[float, float, float, float]:
+        """glyder_rule's ``h``."""
+        return (self.beta, self.growth_rate, 0.0 if self.smoothness is None else float(self.smoothness),
+                float(self._gnb_examples))
+
+    def _rule_flags(self) -> tuple[int, bool]:
+        """glyder_rule's compile-time (CURVATURE, CAPPED)."""
+        return CURVATURES.index(self.curvature), not math.isinf(self.growth_rate)
+
     # ------------------------------------------------------------------ step
     @torch.compiler.disable  # as FusedOptimizer.step: one opaque eager call inside compiled code
     def step(self, closure: Callable[[], Any] | None = None, loss: Any = None) -> Any:
@@ -262,40 +326,24 @@ class GLyDER(FusedOptimizer):
         return batch.total(extra, batch.local_grad_sq.sum())
 
     def _update(self, batch: StepBatch) -> None:
+        if batch.rule_kernel:  # the fused Adam direction, single-process
+            self._fused_adam_update(batch)
+            return
         if self.adam_direction:
             self._adam_update(batch)
         else:
             self._generic_update(batch)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
-    # -- the scalar rule (0-d tensors only; shared by every path) ---------------------------------------
+    # -- the scalar rule on 0-d tensors (the torch backend, data-parallel steps, the finite difference) -------
     def _rule(self, stats: torch.Tensor, probe_curvature: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """η = min(max(N, 0)/Q, cap) from the step's summed statistics (columns NUMERATOR…GRAD_DOT); a step
-        whose curvature estimate is non-finite or <= 0 keeps N, Q and η (see the module docstring)."""
-        S, beta = self.S, self.beta
-        dir_sq = stats[DIR_SQ]
-        if self.curvature == "gnb":
-            q = self._gnb_examples * stats[GNB] ** 2
-        elif self.curvature == "constant":
-            q = self.smoothness * dir_sq
-        else:
-            q = probe_curvature
-        valid = torch.isfinite(q) & (q > 0)  # torch.where below selects, so a NaN q never reaches the EMAs
-        numerator = torch.where(valid, beta * S["numerator"] + (1 - beta) * stats[NUMERATOR], S["numerator"])
-        curvature = torch.where(valid, beta * S["curvature"] + (1 - beta) * q, S["curvature"])
-        proposed = R.safe_div(numerator.clamp_min(0.0), curvature)
-        cap = S["step_size_cap"]
-        if math.isinf(self.growth_rate):  # a host constant: the uncapped rule
-            eta, capped = proposed, torch.zeros_like(valid)
-        else:
-            eta, capped = torch.minimum(proposed, cap), valid & (proposed > cap)
-        eta = torch.where(valid, eta, S["step_size"])
-        # a zero step (N <= 0: no evidence of descent) keeps the cap, so the next positive estimate is not
-        # held at 0 forever
-        new_cap = torch.where(valid & (eta > 0), eta * self.growth_rate, cap)
-        return {"numerator": numerator, "curvature": curvature, "step_size": eta, "dir_norm": dir_sq.sqrt(),
-                "step_size_cap": new_cap, "capped": S["capped"] + capped.to(torch.float64),
-                "curvature_skips": S["curvature_skips"] + (~valid).to(torch.float64)}
+        """glyder_rule on the step's summed statistics (columns NUMERATOR…GRAD_DOT)."""
+        S = self.S
+        new = glyder_rule(stats[NUMERATOR], stats[DIR_SQ], stats[GNB], probe_curvature,
+                          *(S[name] for name in RULE_STATE[:3]), S["step_size_cap"], S["capped"],
+                          S["curvature_skips"], self._coefficient_vector(self._rule_hyperparameters()),
+                          *self._rule_flags())
+        return dict(zip(RULE_STATE, new))
 
     def _commit_rule(self, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
         for name, value in new.items():
@@ -346,6 +394,14 @@ class GLyDER(FusedOptimizer):
         return torch.stack([R.dot(a, d), R.sumsq(d), gnb, R.dot(g, d)])
 
     # -- fused Adam direction ---------------------------------------------------------------------------
+    def _fused_adam_update(self, batch: StepBatch) -> None:
+        """One process: pass A's statistics, the rule kernel (accept decision, rule, store, counters, step
+        counts and every tensor's coefficient lr·η) and pass B; the fused passes read the step counts from
+        the store (their ``step`` argument is the reference's)."""
+        stats = self._pass("glyder_adam_stats")(batch, None, self._probe or None, self._gnb or None)
+        coef = self._pass("glyder_rule")(batch, stats)
+        self._pass("glyder_adam_apply")(batch, None, coef)
+
     def _adam_stats(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(item index, Adam step t, per-tensor statistics over this rank's elements) of pass A, once per
         step: run by the guard when pass A is the guard, else by the update."""

@@ -10,9 +10,12 @@ param group, LDoG one per tensor; for each such segment::
 where g already includes coupled weight decay λx. ``lr`` (the paper's c) should stay 1; DoG is meant
 to be used with polynomial iterate averaging (the official ``PolynomialDecayAverager``).
 
-Pipeline: a stats pass reduces ‖g + λx‖² and ‖x − x_0‖² per tensor, the rule runs on the vector of
-segments, and the SGD apply pass uses each tensor's segment step. The stats pass writes nothing and reads
-every gradient, so it is also the non-finite guard (``_finite_witness``): a step costs these two passes.
+Pipeline: a stats pass reduces ‖g + λx‖² and ‖x − x_0‖² per tensor, the rule (``dog_rule``) runs on the
+vector of segments, and the SGD apply pass uses each tensor's segment step. The stats pass writes nothing
+and reads every gradient, so it is also the non-finite guard (``_finite_witness``): a step costs these two
+passes. On a fused backend (single process) the rule runs in one launch between them, the rule kernel
+``lrfree.kernels.dog.dog_rule``, with the accept decision, the counters and every tensor's step; the torch
+backend and data-parallel steps call the same ``dog_rule`` on vectors of 0-d values.
 ‖x − x_0‖ is reduced from the x of this step, not carried over from the previous step's update pass
 (which would save reading x once but is wrong whenever the parameters change between steps).
 
@@ -24,14 +27,25 @@ counts its own t, so groups added with ``add_param_group`` later start their own
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..distributed import local_real
 from ..optimizer import FusedOptimizer, StepBatch
+from ..scalar_math import M
+
+
+def dog_rule(t, rbar, G, x0_norm, grad_sq, dist_sq, reps_rel, eps, lr, init_eta):
+    """One segment's step (``lrfree.scalar_math`` style; element-wise over vectors of segments): from its
+    accepted steps so far t, its state r̄, G and ‖x_0‖, this step's ‖g + λx‖² and ‖x − x_0‖² and its group's
+    hyperparameters (``init_eta`` 0: none; the option is validated > 0), the new (r̄, G, η, t)."""
+    first = t == 0
+    rbar_new = M.where(first, reps_rel * (1.0 + x0_norm), M.maximum(rbar, M.sqrt(dist_sq)))
+    G_new = M.where(first, grad_sq + eps, G + grad_sq)
+    eta = M.safe_div(lr * rbar_new, M.sqrt(G_new), 0.0)
+    eta = M.where(first & (init_eta > 0), init_eta, eta)
+    return rbar_new, G_new, eta, t + 1.0
 
 
 class DoG(FusedOptimizer):
@@ -50,6 +64,8 @@ class DoG(FusedOptimizer):
                        "init_eta": V.optional(V.POSITIVE)}
     kernels = "dog"
     per_tensor = False
+    fused_rule = True
+    rule = staticmethod(dog_rule)
 
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, backend: str = "auto",
@@ -102,7 +118,7 @@ class DoG(FusedOptimizer):
             segments.append(seg)
             norms.append(batch.total(R.sumsq(self.state[q]["x0"]) if "x0" in self.state.get(q, {})
                                      else R.sumsq(local_real(q)) for q in members))
-        return segments, torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=batch.device)
+        return segments, torch.stack(norms) if norms else batch.vector(())  # cached: no op on later steps
 
     def _stats(self, batch: StepBatch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(per-item weight decay or None, (items, 2) ‖g + λx‖², ‖x − x0‖² over this rank's elements): the
@@ -129,56 +145,69 @@ class DoG(FusedOptimizer):
                 segments.append(seg)
                 bounds.append(i)
         bounds.append(len(batch.items))
+        resting = self._resting_distances(batch, segments)
+        if batch.rule_kernel:  # one launch: the accept decision, the rule, the store, the counters, every step
+            self._store_anchors(anchored, anchor_sq)
+            coef = self._pass("dog_rule")(batch, stats, segments, bounds, resting)
+            self._pass("sgd_apply")(batch, coef, decay)
+            return
         # every statistic of the step, made global in one collective when the parameters are sharded
-        stats, anchor_sq, resting = batch.sync(stats, anchor_sq, self._resting_distances(batch, segments))
-        for seg, norm_sq in zip(anchored, anchor_sq.unbind()):
-            self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
-            self._x0_norm_ready.add(seg)
+        if resting is None:
+            stats, anchor_sq = batch.sync(stats, anchor_sq)
+        else:
+            stats, anchor_sq, resting = batch.sync(stats, anchor_sq, resting)
+        self._store_anchors(anchored, anchor_sq)
         ok = batch.ok
         if len(segments) == len(batch.items):
             grad_sq, dist_sq = stats[:, 0], stats[:, 1]
         else:
             grad_sq = torch.stack([batch.reduce(stats[a:b, 0]) for a, b in zip(bounds, bounds[1:])])
             dist_sq = torch.stack([batch.reduce(stats[a:b, 1]) for a, b in zip(bounds, bounds[1:])])
-        dist_sq = dist_sq + resting
+        if resting is not None:
+            dist_sq = dist_sq + resting
         seg_index = batch.index(segments)
-        groups = [batch.items[a].group for a in bounds[:-1]]
-        new = self._rule(seg_index, groups, grad_sq, dist_sq, batch)
+        new = self._rule(seg_index, [batch.items[a].group for a in bounds[:-1]], grad_sq, dist_sq, batch)
         for name, value in new.items():
             self._set_at(name, seg_index, value, ok)
         item_segment = batch.index(k for k, (a, b) in enumerate(zip(bounds, bounds[1:])) for _ in range(a, b))
         self._pass("sgd_apply")(batch, new["eta"].index_select(0, item_segment), decay)
         self.S["steps"].add_(ok.to(torch.float64))
 
-    def _resting_distances(self, batch: StepBatch, segments: list[int]) -> torch.Tensor:
-        """‖x − x0‖² of parameters that moved earlier but have no gradient now (rare: plain torch)."""
-        if self.per_tensor:
-            return torch.zeros((), dtype=torch.float64, device=batch.device)
-        active = {id(it.param) for it in batch.items}
-        extra = []
-        for seg in segments:
-            resting = [p for p in self.param_groups[seg]["params"]
-                       if id(p) not in active and "x0" in self.state.get(p, {})]
-            extra.append(batch.total(R.sumsq(R.up(self._stepped(p), x) - R.up(self.state[p]["x0"], x))
-                                     for p in resting for x in (local_real(p),)))
-        return torch.stack(extra)
+    def _store_anchors(self, anchored: list[int], anchor_sq: torch.Tensor) -> None:
+        """‖x_0‖ of the segments stepping for the first time (written whether or not the step is taken:
+        x_0 does not change)."""
+        for seg, norm_sq in zip(anchored, anchor_sq.unbind()):
+            self.S["x0_norm"][seg].copy_(norm_sq.sqrt())
+            self._x0_norm_ready.add(seg)
 
-    # -- the scalar rule (vectors over the step's segments; shared by every backend) -------------
+    def _resting_distances(self, batch: StepBatch, segments: list[int]) -> torch.Tensor | None:
+        """Per segment, ‖x − x0‖² of parameters that moved earlier but have no gradient now (rare: plain
+        torch), or None where no segment has any (LDoG never has: its segment is the tensor)."""
+        if self.per_tensor:
+            return None
+        active = {id(it.param) for it in batch.items}
+        resting = [[p for p in self.param_groups[seg]["params"]
+                    if id(p) not in active and "x0" in self.state.get(p, {})] for seg in segments]
+        if not any(resting):
+            return None
+        return torch.stack([batch.total(R.sumsq(R.up(self._stepped(p), x) - R.up(self.state[p]["x0"], x))
+                                        for p in params for x in (local_real(p),)) for params in resting])
+
+    # -- the scalar rule on vectors of 0-d values (the torch backend, data-parallel steps) ----------------
     def _rule(self, seg: torch.Tensor, groups: list[dict], grad_sq: torch.Tensor, dist_sq: torch.Tensor,
               batch: StepBatch) -> dict[str, torch.Tensor]:
         S = self.S
         t = S["t"].index_select(0, seg)
-        first = t == 0
-        reps = batch.vector(g["reps_rel"] for g in groups)
-        eps = batch.vector(g["eps"] for g in groups)
-        lr = batch.vector(g["lr"] for g in groups)
-        init_eta = batch.vector(math.nan if g["init_eta"] is None else g["init_eta"] for g in groups)
-        rbar = torch.where(first, reps * (1.0 + S["x0_norm"].index_select(0, seg)),
-                           torch.maximum(S["rbar"].index_select(0, seg), dist_sq.sqrt()))
-        G = torch.where(first, grad_sq + eps, S["G"].index_select(0, seg) + grad_sq)
-        eta = R.safe_div(lr * rbar, G.sqrt())
-        eta = torch.where(first & ~init_eta.isnan(), init_eta, eta)
-        return {"rbar": rbar, "G": G, "eta": eta, "t": t + 1}
+        rbar, G, eta, t_new = dog_rule(t, S["rbar"].index_select(0, seg), S["G"].index_select(0, seg),
+                                       S["x0_norm"].index_select(0, seg), grad_sq, dist_sq,
+                                       *(batch.vector(column) for column in zip(*self.segment_hyperparameters(groups))))
+        return {"rbar": rbar, "G": G, "eta": eta, "t": t_new}
+
+    @staticmethod
+    def segment_hyperparameters(groups: list[dict]) -> list[tuple[float, float, float, float]]:
+        """The rule's (reps_rel, eps, lr, init_eta) of every segment (``groups``: each segment's group);
+        init_eta 0 stands for none."""
+        return [(g["reps_rel"], g["eps"], g["lr"], 0.0 if g["init_eta"] is None else g["init_eta"]) for g in groups]
 
     # -- torch reference passes --------------------------------------------------------------------
     def _ref_dog_stats(self, batch: StepBatch, decay: torch.Tensor | None) -> torch.Tensor:
