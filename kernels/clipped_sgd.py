@@ -1,6 +1,10 @@
 """Clipped SGD apply pass: d = κ g + λ x;  b ← μ b + d (and d ← d + μ b with Nesterov, else d ← b);
 x ← x − lr d. The clip coefficient κ (its group's, from the global norm), lr, λ, μ and Nesterov are per
-tensor (param groups). Tensors with and without a momentum buffer launch separately. Bytes: R 8 (+4), W 4 (+4)."""
+tensor (param groups). Tensors with and without a momentum buffer launch separately. Bytes: R 8 (+4), W 4 (+4).
+
+Single-process, every κ comes from the rule kernel ``_clip_rule_kernel`` (the method's ``clip_rule``, with the
+accept decision, ‖g‖, the store and the counters): a step is the Σg² pass and its reduction, the rule kernel
+and this pass."""
 
 from __future__ import annotations
 
@@ -11,6 +15,56 @@ import triton.language as tl
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
+from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
+
+
+@rule_kernel
+def _clip_rule_kernel(grad_sq, n, group_of, max_norm, eps, n_groups, clip, clip_store, grad_norm, loss, found_inf,
+                      ok_out, steps, skipped, RULE: tl.constexpr, GUARD: tl.constexpr, HAS_LOSS: tl.constexpr,
+                      HAS_FOUND_INF: tl.constexpr):
+    """ClippedSGD's step in one program: accept, ‖g‖ from the per-tensor Σg², every group's κ (the store,
+    committed if accepted), every tensor's κ (its group's: ``clip``) and the counters."""
+    total = column_total(grad_sq, n, 0, 1)
+    ok = accept(total, loss, found_inf, GUARD, HAS_LOSS, HAS_FOUND_INF)
+    norm = tl.sqrt(total)
+    commit(grad_norm, norm, ok)
+    finish(ok, ok, ok_out, steps, skipped)
+    j0 = 0
+    while j0 < n_groups:
+        idx = j0 + tl.arange(0, LANES)
+        inside = idx < n_groups
+        kappa = RULE(norm, tl.load(max_norm + idx, mask=inside, other=1.0), tl.load(eps + idx, mask=inside, other=1.0))
+        old = tl.load(clip_store + idx, mask=inside, other=1.0)
+        tl.store(clip_store + idx, tl.where(ok, kappa, old), mask=inside)
+        j0 += LANES
+    i0 = 0
+    while i0 < n:
+        idx = i0 + tl.arange(0, LANES)
+        inside = idx < n
+        group = tl.load(group_of + idx, mask=inside, other=0)
+        kappa = RULE(norm, tl.load(max_norm + group, mask=inside, other=1.0),
+                     tl.load(eps + group, mask=inside, other=1.0))
+        tl.store(clip + idx, kappa, mask=inside)
+        i0 += LANES
+
+
+_FUSED_RULE = []
+
+
+def clip_rule(opt, batch) -> torch.Tensor:
+    """Launch ClippedSGD's rule kernel on the step's per-tensor Σg²; returns every tensor's κ (fp64). The
+    store (clip_coef, grad_norm) and the counters are updated and the accept flag written in the launch."""
+    from lrfree.methods.clipped_sgd import clip_rule as rule
+    if not _FUSED_RULE:
+        _FUSED_RULE.append(fused(rule))
+    S = opt.S
+    n = len(batch.items)
+    max_norm, eps = opt._clip_vectors()
+    clip = torch.empty(n, dtype=torch.float64, device=batch.device)
+    launch(_clip_rule_kernel, (1,), batch.local_grad_sq, n, batch.index(it.group_index for it in batch.items),
+           max_norm, eps, len(opt.param_groups), clip, S["clip_coef"], S["grad_norm"], RULE=_FUSED_RULE[0],
+           **step_inputs(batch))
+    return clip
 
 
 @triton.jit

@@ -4,6 +4,10 @@
     x ← x0 + (L + R) θ / (L max(G + L, α L))            R 28 (g, x, θ, G, L, R, x0)  W 20
 
 γ (the group's lr) and α are per tensor: ``coeffs`` holds (γ, α) of tensor t at 2t, 2t + 1 (fp64).
+
+COCOB has no scalar rule; single-process, its one-program ``_accept_kernel`` makes the accept decision from
+the guard's Σg² and counts the step (a step: the Σg² pass and its reduction, that kernel and this pass; without
+the guard, the kernel and this pass).
 """
 
 from __future__ import annotations
@@ -14,6 +18,24 @@ import triton.language as tl
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
+from .scalar_math import accept, column_total, finish, rule_kernel, step_inputs
+
+
+@rule_kernel
+def _accept_kernel(grad_sq, n, loss, found_inf, ok_out, steps, skipped, GUARD: tl.constexpr, HAS_LOSS: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr):
+    """The rule kernel of a method without a scalar rule: the accept decision (the witness: Σ of the ``n``
+    per-tensor Σg²) and the counters."""
+    ok = accept(column_total(grad_sq, n, 0, 1), loss, found_inf, GUARD, HAS_LOSS, HAS_FOUND_INF)
+    finish(ok, ok, ok_out, steps, skipped)
+
+
+def cocob_accept(opt, batch) -> None:
+    """Launch the accept kernel: writes the step's accept flag (``batch.ok_i32``) and counts the step. Without
+    the guard nothing reads the gradients' Σg², and no pass forms it."""
+    guard = opt.skip_nonfinite
+    launch(_accept_kernel, (1,), batch.local_grad_sq if guard else opt.S["steps"], len(batch.items) if guard else 0,
+           **step_inputs(batch))
 
 
 @triton.jit

@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 F64 = torch.float64
-# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them)
-LANES = tl.constexpr(1024)  # a constexpr: a plain global cannot be read inside a compiled @jit function
+# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them); a constexpr, since
+# Triton's compiler rejects reads of plain module globals in a jit function (its interpreter allows them)
+LANES = tl.constexpr(1024)
 
 
 @triton.jit

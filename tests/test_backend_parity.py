@@ -257,3 +257,56 @@ def test_checkpoints_move_between_backends(name, backend):
             assert rel_err(moved_p[k].detach(), params[k].detach()) <= 1e-12, (first, second, k)
         for k, v in opt.scalars().items():
             assert torch.allclose(moved.scalars()[k].cpu(), v.cpu(), rtol=1e-11, atol=0, equal_nan=True), k
+
+
+@pytest.mark.parametrize("name, backend", fused_cases(["Adam", "AdamW", "ClippedSGD", "COCOB"]))
+def test_a_rejected_step_leaves_the_step_scalars(name, backend):
+    """A step rejected for a non-finite gradient or loss changes no scalar but the skip counter: the rule
+    kernel commits Adam's per-tensor step counts and ClippedSGD's κ and ‖g‖ only if the step is taken."""
+    require_backend(method(name), backend)
+    params, opt = make(name, torch.float32, backend)
+    for t in range(2):
+        step(opt, params, t)
+    for poison in ("gradient", "loss"):
+        before = opt.scalars()
+        opt.zero_grad()
+        loss = loss_fn({k: v for k, v in params.items() if k != "wide"}, 9) + (params["wide"] ** 2).mean()
+        loss.backward()
+        if poison == "gradient":
+            params["wide"].grad.view(-1)[2500] = math.inf
+        opt.step(loss=loss if poison == "gradient" else loss.detach() * math.nan)
+        after = opt.scalars()
+        assert float(after["skipped"]) == float(before["skipped"]) + 1, poison
+        for k, v in before.items():
+            if k != "skipped":
+                assert torch.equal(after[k], v), (poison, k)
+    step(opt, params, 3)  # and the next finite step is taken
+    assert float(opt.scalars()["steps"]) == 3.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_adam_bias_corrections_at_long_run_step_counts(backend):
+    """A fused step forms β^t in its rule kernel as exp(t·log β) in fp64 (kernels/scalar_math.pow), the
+    torch backend as pow(β, t): resumed at step counts of long runs (β2^t from 0.9999^10 to 0.9999^10⁶ ≈ 0)
+    the fp64 backends agree to 1e-12, as they do over the first steps."""
+    require_backend(lrfree.AdamW, backend)
+    for t in (10, 1000, 30000, 10**6):
+        runs = {}
+        for b in ("torch", backend):
+            g = torch.Generator().manual_seed(7)
+            params = [torch.randn(n, generator=g, dtype=torch.float64).to(DEVICE).requires_grad_() for n in (40, 7)]
+            opt = lrfree.AdamW([{"params": params[:1]}, {"params": params[1:], "betas": (0.8, 0.9999)}], lr=1e-2,
+                               backend=b)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(DEVICE)
+            opt.step()
+            saved = opt.state_dict()
+            for entry in saved["state"].values():
+                entry["step"] = torch.tensor(float(t - 1), dtype=torch.float64)
+            opt.load_state_dict(saved)
+            opt.step()
+            runs[b] = params, opt.scalars()
+        (ref_p, ref_s), (fused_p, fused_s) = runs["torch"], runs[backend]
+        for a, b in zip(fused_p, ref_p):
+            assert rel_err(a.detach(), b.detach()) <= 1e-12, t
+        assert torch.equal(fused_s["step"].cpu(), ref_s["step"].cpu()) and float(fused_s["step"][0]) == t

@@ -17,6 +17,13 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import FusedOptimizer, StepBatch
+from ..scalar_math import M
+
+
+def adam_bias_rule(t, lr, beta1, beta2):
+    """The bias-corrected step size lr / (1 − β1^t) and √(1 − β2^t) at step count t (``lrfree.scalar_math``
+    style: the torch backends call it on device values, a fused backend inside the rule kernel)."""
+    return lr / (1.0 - M.pow(beta1, t)), M.sqrt(1.0 - M.pow(beta2, t))
 
 
 def update_moments_(state: dict, g: torch.Tensor, group: dict,
@@ -42,6 +49,7 @@ class Adam(FusedOptimizer):
                        "amsgrad": V.BOOL, "maximize": V.BOOL}
     kernels = "adam"
     decoupled = False
+    fused_rule = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
@@ -74,6 +82,9 @@ class Adam(FusedOptimizer):
         return {"step": 0.0}
 
     def _update(self, batch: StepBatch) -> None:
+        if batch.rule_kernel:  # the step counts, bias corrections, accept flag and counters in one launch
+            self._pass("adam_step")(batch)
+            return
         index = batch.index(it.flat_index for it in batch.items)
         step = self.S["step"].index_select(0, index) + 1  # each tensor counts the steps it took part in
         self._pass("adam_step")(batch, step)

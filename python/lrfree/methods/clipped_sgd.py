@@ -26,6 +26,13 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import FusedOptimizer, StepBatch
+from ..scalar_math import M
+
+
+def clip_rule(norm, max_norm, eps):
+    """κ = min(1, max_norm / (‖g‖ + eps)) (``lrfree.scalar_math`` style: the torch backends call it on
+    device values, a fused backend inside the rule kernel)."""
+    return M.minimum(max_norm / (norm + eps), 1.0)
 
 
 class ClippedSGD(FusedOptimizer):
@@ -46,6 +53,7 @@ class ClippedSGD(FusedOptimizer):
                        "weight_decay": V.NONNEG, "nesterov": V.BOOL, "eps": V.NONNEG}
     recomputed_scalars = frozenset({"clip_coef", "grad_norm"})
     kernels = "clipped_sgd"
+    fused_rule = True
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True,
@@ -71,13 +79,20 @@ class ClippedSGD(FusedOptimizer):
     def _rule(self, grad_sq: torch.Tensor) -> dict[str, torch.Tensor]:
         """κ_g = min(1, max_norm_g / (‖g‖ + eps_g)) for every group, from the global Σg² (device tensors
         only; the thresholds are host floats)."""
+        norm = M.sqrt(grad_sq)
+        max_norm, eps = self._clip_vectors()
+        return {"clip_coef": clip_rule(norm, max_norm, eps), "grad_norm": norm}
+
+    def _clip_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every group's max_norm and eps, as device vectors."""
         groups = self.param_groups
-        norm = grad_sq.sqrt()
-        max_norm = self._coefficient_vector(tuple(float(g["max_norm"]) for g in groups))
-        eps = self._coefficient_vector(tuple(float(g["eps"]) for g in groups))
-        return {"clip_coef": (max_norm / (norm + eps)).clamp_max(1.0), "grad_norm": norm}
+        return (self._coefficient_vector(tuple(float(g["max_norm"]) for g in groups)),
+                self._coefficient_vector(tuple(float(g["eps"]) for g in groups)))
 
     def _update(self, batch: StepBatch) -> None:
+        if batch.rule_kernel:  # one launch: the accept decision, ‖g‖, every κ (store and per tensor), counters
+            self._pass("clipped_apply")(batch, self._pass("clip_rule")(batch))
+            return
         new = self._rule(batch.reduce(batch.grad_sq))
         # every tensor's κ: its group's
         clip = new["clip_coef"].index_select(0, batch.index(it.group_index for it in batch.items))

@@ -40,6 +40,7 @@ class COCOB(FusedOptimizer):
 
     hyperparameters = {"alpha": V.NONNEG, "eps": V.POSITIVE, "weight_decay": V.NONNEG, "lr": V.NONNEG}
     kernels = "cocob"
+    fused_rule = True  # no scalar rule: the rule kernel is the accept decision and the counters
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
@@ -57,6 +58,10 @@ class COCOB(FusedOptimizer):
                 "reward": z(p), "x0": self.copy_of(p)}
 
     def _update(self, batch: StepBatch) -> None:
+        if batch.rule_kernel:
+            self._pass("cocob_accept")(batch)
+            self._pass("cocob_step")(batch)
+            return
         self._pass("cocob_step")(batch)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
