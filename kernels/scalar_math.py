@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 F64 = torch.float64
-# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them)
-LANES = 1024
+# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them); a constexpr, since
+# compiled kernels read only constexpr globals (a plain int runs in the interpreter but does not compile)
+LANES = tl.constexpr(1024)
 
 
 @triton.jit
