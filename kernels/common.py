@@ -174,9 +174,11 @@ def is_until_known(kernel) -> bool:
 
 
 def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, args: Callable, warps: int,
-                **flags) -> torch.Tensor:
+                reduce: bool = True, **flags) -> torch.Tensor:
     """(1, k) fp64: the sums over the batch's elements of a statistic needed only until the 0-d device
-    flag ``known`` is true, and zeros once it is (the caller must then not use them).
+    flag ``known`` is true, and zeros once it is (the caller must then not use them). ``reduce=False``
+    returns the programs' (P, k) rows instead, for a rule kernel that totals them itself (P ≤
+    PERSISTENT_PROGRAMS per dtype group: one lane pass of ``scalar_math.column_total``), saving a launch.
 
     ``kernel`` is a persistent kernel ``kernel(*args(group), known, rows, n_blocks, programs, X, ACC,
     BLOCK, ALIGNED, **flags)`` whose program ``pid`` loops over blocks pid, pid + programs, ... below
@@ -193,6 +195,8 @@ def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, arg
         launch(kernel, (n,), *args(group), flag, rows[offset:offset + n], group.geo.n_blocks, n,
                X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=warps), **flags)
         offset += n
+    if not reduce:
+        return rows
     out = torch.empty((1, k), dtype=F64, device=batch.device)
     bounds = batch.optimizer._coefficient_vector((0, total), torch.int32)
     launch(_segment_reduce_kernel, (1,), rows, bounds, out, K=k, MAX_MASK=0, CHUNK=REDUCE_LANES)

@@ -1,6 +1,9 @@
 """PS-SPS (methods/ps_sps.py) as fused passes.
 
+Coefficients (one program, ``scaling.coefficients``): the step's bias corrections.
 Stats pass (R 8: g, v; nothing written): Σ g²/α² per tensor, α from this step's v in registers.
+Rule (one program): the accept decision (‖g/α‖² is the non-finite witness), η from ``pssps_rule``, the
+store, the counters, and every tensor's coefficient c_t = lr_t · η.
 Apply pass (R 16: g, x, v, m; W 12): v, m updated; x ← x − c_t (u + wd x), u = g/α² (or m̂/α²).
 """
 
@@ -10,10 +13,15 @@ import torch
 import triton
 import triton.language as tl
 
+from lrfree.methods import ps_sps as method
+
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
+from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
+
+_RULE = fused(method.pssps_rule)
 
 
 @triton.jit
@@ -41,6 +49,26 @@ def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
                                  tensor_ptr(vmax_ptrs, t, ACC, ALIGNED), offs, mask, c, BLOCK, ACC,
                                  SCALED, AMSGRAD)
     tl.store(partials + pid, tl.sum(g * g / alpha_sq, axis=0))
+
+
+@rule_kernel
+def _rule_kernel(scaled_sq, n, h, lr, coef, step_size, smooth_ref, scaled_grad_norm, loss, found_inf, ok_out, steps,
+                 skipped, RULE: tl.constexpr, SMOOTH: tl.constexpr, CAPPED: tl.constexpr, GUARD: tl.constexpr,
+                 HAS_LOSS: tl.constexpr, HAS_FOUND_INF: tl.constexpr):
+    """PS-SPS's step in one program: accept, η from the rule, the store, the counters, and coef_i = lr_i · η."""
+    total = column_total(scaled_sq, n, 0, 1)
+    ok = accept(total, loss, found_inf, GUARD, HAS_LOSS, HAS_FOUND_INF)
+    eta, ref, norm = RULE(tl.load(loss).to(tl.float64), total, tl.load(smooth_ref), h, SMOOTH, CAPPED)
+    commit(step_size, eta, ok)
+    commit(smooth_ref, ref, ok)
+    commit(scaled_grad_norm, norm, ok)
+    finish(ok, ok, ok_out, steps, skipped)
+    i0 = 0
+    while i0 < n:
+        idx = i0 + tl.arange(0, LANES)
+        inside = idx < n
+        tl.store(coef + idx, tl.load(lr + idx, mask=inside, other=0.0) * eta, mask=inside)
+        i0 += LANES
 
 
 @triton.jit
@@ -101,3 +129,15 @@ def pssps_apply(opt, batch, c: torch.Tensor, coef: torch.Tensor) -> None:
         launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(coef), group.take(decay), ok_flag(batch), X=group.tl_dtype,
                ACC=group.acc, HAS_M=hp["betas"][0] > 0, **group.tiling(warps=4), **_flags(hp), **rounding(batch, group))
+
+
+def pssps_rule(opt, batch, scaled_sq: torch.Tensor) -> torch.Tensor:
+    """The rule kernel on the step's per-tensor ‖g/α‖² (items,); returns every tensor's coefficient lr_t · η
+    (and sets the accept flag the apply pass reads)."""
+    S = opt.S
+    h, smooth, capped = opt._rule_hyperparameters()
+    coef = torch.empty(len(batch.items), dtype=torch.float64, device=batch.device)
+    launch(_rule_kernel, (1,), scaled_sq, len(batch.items), batch.vector(h), batch.per_item("lr"), coef,
+           S["step_size"], S["smooth_ref"], S["scaled_grad_norm"], RULE=_RULE, SMOOTH=smooth, CAPPED=capped,
+           **step_inputs(batch))
+    return coef

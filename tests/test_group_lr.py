@@ -246,6 +246,33 @@ def test_a_group_frozen_mid_training_stays_where_it_is(name, backend):
     assert not any(torch.equal(p.detach(), q) for p, q in zip(params[2:], live))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_psdasgd_with_every_lr_at_zero_moves_nothing_and_still_counts_a_rejected_step(backend):
+    """Every group's lr set to 0 after 2 steps: no tensor adapts, so parameters, state and the step
+    scalars stay bit-identical and the step counter stands still; a step with a NaN gradient among them is
+    still counted as skipped (on a fused backend the rule kernels then run over no tensor)."""
+    require_backend(lrfree.PSDASGD, backend)
+    params = _params()
+    opt = lrfree.PSDASGD([{"params": params[:2], "lr": 0.35}, {"params": params[2:], "lr": 0.7}], backend=backend)
+    for t, step_grads in enumerate(_grads(5)):
+        if t == 2:
+            for group in opt.param_groups:
+                group["lr"] = 0.0
+            frozen, frozen_state = [p.detach().clone() for p in params], _state_copy(opt, params)
+            scalars = opt.scalars()
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(DEVICE)
+        if t == 3:
+            params[3].grad[0] = math.nan
+        opt.step()
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, frozen))
+    for before, after in zip(frozen_state, _state_copy(opt, params)):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    after = opt.scalars()
+    assert float(after["steps"]) == 2 and float(after["skipped"]) == 1
+    assert all(torch.equal(after[k], scalars[k]) for k in scalars if k != "skipped")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_cocob_group_hyperparameters_act_on_their_group_only(backend):
     """COCOB is per element: a group's lr, alpha and eps give exactly what an optimizer holding only

@@ -19,17 +19,37 @@ from __future__ import annotations
 import torch
 
 from ..backends import torch_ref as R
+from ..scalar_math import M
 
 
-def scale_coefficients(hp: dict, t: torch.Tensor) -> torch.Tensor:
-    """The step's scaling coefficients as one fp64 device vector (bias corrections and the 1 − β
-    complements formed in fp64), in the layout ``lrfree.kernels.scaling`` reads:
+def scale_coefficients_rule(t, h):
+    """The step's scaling coefficients (``lrfree.scalar_math`` style: the torch call and the fused one run
+    this function), from t = steps + 1 and h = (β1, β2, ε): bias corrections and the 1 − β complements
+    formed in fp64, in the layout ``lrfree.kernels.scaling`` reads:
     [β1, 1−β1, 1−β1^t, β2, 1−β2, 1−β2^t, 1−β2^(t−1) (1 at t = 1), ε]."""
+    beta1, beta2, eps = M.at(h, 0), M.at(h, 1), M.at(h, 2)
+    bc_prev = 1 - M.pow(beta2, t - 1)
+    return (beta1, 1 - beta1, 1 - M.pow(beta1, t), beta2, 1 - beta2, 1 - M.pow(beta2, t),
+            M.where(bc_prev > 0, bc_prev, 1.0), eps)
+
+
+def scale_hyperparameters(hp: dict) -> tuple[float, float, float]:
+    """h of :func:`scale_coefficients_rule`: (β1, β2, ε) of the rule group ``hp``."""
     beta1, beta2 = hp["betas"]
-    one = torch.ones_like(t)
-    bc_prev = 1 - beta2 ** (t - 1)
-    return torch.stack([one * beta1, one * (1 - beta1), 1 - beta1 ** t, one * beta2, one * (1 - beta2),
-                        1 - beta2 ** t, torch.where(bc_prev > 0, bc_prev, one), one * hp["eps"]])
+    return float(beta1), float(beta2), float(hp["eps"])
+
+
+def scale_coefficients(batch, hp: dict, steps: torch.Tensor, known: torch.Tensor | None = None):
+    """The step's scaling coefficients (:func:`scale_coefficients_rule`, t = ``steps`` + 1, the rule's 0-d
+    step counter) as one fp64 device vector. On a fused backend one launch forms it
+    (``lrfree.kernels.scaling.coefficients``), and also, given a 0-d fp64 ``known``, the int32 flag
+    ``known > 0`` a pass needed only until a statistic is known reads (then a pair is returned)."""
+    h = batch.vector(scale_hyperparameters(hp))
+    if batch.fused:
+        from ..kernels import scaling
+        return scaling.coefficients(batch, steps, h, known)
+    coefficients = torch.stack(scale_coefficients_rule(steps + 1, h))
+    return coefficients if known is None else (coefficients, known > 0)
 
 
 def init_scaling_state(opt, p, group, hp: dict | None = None) -> dict[str, torch.Tensor]:

@@ -29,6 +29,10 @@ the displacement of x so the numerator does not change, n_0² = Σ c ‖g/α‖�
 a char-level transformer, the EMA reading trains much better than averaging (README has the numbers).
 The update of step t does not use d_{t+1}, so a fused backend needs one pass per step (plus one extra
 pass at the first step for n_0 and rms(α_0)).
+
+The scalar rule is written once (``lrfree.scalar_math`` style) and run in torch or compiled into the fused
+backends' two rule kernels: :func:`psdasgd_step_size` (n_0, d and λ, which the step pass needs) before the
+step pass, :func:`psdasgd_shrink` and :func:`psdasgd_distance` (ρ, N and the new d) after it.
 """
 
 from __future__ import annotations
@@ -40,9 +44,39 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._dadapt import DAdaptBase
-from .dadapt_sgd import distance_estimate
 from ._scaling import ScaledStep, init_scaling_state, scale_coefficients
+
+
+def psdasgd_step_size(g0_norm, d, scaled_grad_sq, alpha_sq_sum, n_elements, d0, lr):
+    """(n_0, d, λ) of the step: n_0 = ‖g/α‖ and d = d0·rms(α) are fixed at the first step with a
+    non-zero gradient (``g0_norm`` is 0 until then; ``scaled_grad_sq`` = Σ c ‖g/α‖², ``alpha_sq_sum`` =
+    Σ c α² over ``n_elements`` elements); λ = d γ / n_0 (γ = ``lr``)."""
+    started = g0_norm > 0
+    n0 = M.where(started, g0_norm, M.sqrt(scaled_grad_sq))
+    d = M.where(started, d, d0 * M.sqrt(alpha_sq_sum / M.maximum(n_elements, 1.0)))
+    return n0, d, M.safe_div(d * lr, n0, 0.0)
+
+
+def psdasgd_shrink(t, max_ratio_sq, numerator):
+    """(ρ, N/ρ): the max-scale-ratio ρ = max(1, max_j α_{t−1,j}/α_{t,j}) (1 at t = 1; ``max_ratio_sq`` is
+    the max of α²_{t−1}/α²_t) and the numerator it shrinks, to which the step then adds λ ⟨g, s⟩."""
+    ratio = M.where(t > 1, M.sqrt(M.maximum(max_ratio_sq, 1.0)), 1.0)
+    return ratio, numerator / ratio
+
+
+def psdasgd_distance(numerator, weighted_sq, d, growth_rate, ADAPT):
+    """(d̂, d_{t+1}, proceed): D-Adapt SGD's estimate in the scaled space, d̂ = 2N / ‖α ⊙ s‖
+    (``weighted_sq`` = Σ ‖α ⊙ s‖²/c), d_{t+1} = max(d, min(d̂, d · growth_rate)); d is frozen unless
+    ``ADAPT`` (γ > 0). The step's scalars are kept only where ``proceed`` (‖α ⊙ s‖ > 0: with s = 0
+    everywhere there is nothing to estimate)."""
+    d_hat = M.safe_div(2.0 * numerator, M.sqrt(weighted_sq), 0.0)
+    if ADAPT:
+        d_next = M.maximum(d, M.minimum(d_hat, d * growth_rate))
+    else:
+        d_next = d
+    return d_hat, d_next, weighted_sq > 0
 
 
 class PSDASGD(DAdaptBase):
@@ -71,6 +105,7 @@ class PSDASGD(DAdaptBase):
     # momentum (primal averaging) and amsgrad are per group (see _group_hp); the rest define the one rule
     shared_hyperparameters = ("betas", "eps", "d0", "growth_rate", "scaling")
     kernels = "ps_dasgd"
+    fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
@@ -106,58 +141,56 @@ class PSDASGD(DAdaptBase):
         d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0, "scale_ratio": 1.0}
 
-    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _step_size(self, lr: float, scaled_grad_sq: torch.Tensor, alpha_sq_sum: torch.Tensor,
-                   n_elements: torch.Tensor):
-        """(n_0, d, λ): n_0 = ‖g/α‖ and d = d0·rms(α) are fixed at the first step with a non-zero
-        gradient; λ = d γ / n_0."""
-        S = self.S
-        started = S["g0_norm"] > 0
-        g0_norm = torch.where(started, S["g0_norm"], scaled_grad_sq.sqrt())
-        d = torch.where(started, S["d"], self.rule_group()["d0"] * (alpha_sq_sum / n_elements.clamp_min(1.0)).sqrt())
-        return g0_norm, d, R.safe_div(d * lr, g0_norm)
-
-    def _rule(self, lr: float, d: torch.Tensor, numerator: torch.Tensor, weighted_sq: torch.Tensor):
-        """D-Adapt SGD's estimate in the scaled space: d̂ = 2N / ‖α ⊙ s‖ (N already shrunk by ρ)."""
-        return distance_estimate(lr, d, numerator, weighted_sq, self.rule_group()["growth_rate"])
+    def _has_rule_kernel(self) -> bool:
+        # per-group d steps every group as its own optimizer (DAdaptBase._update), and counts the run's
+        # steps from batch.ok after the groups: its rules run in torch
+        return self.fused_rule and not self.per_group_d
 
     def _update_d(self, batch: StepBatch) -> None:
         S = self.S
         hp = self.rule_group()
         lr = self._shared_lr()
-        t = S["steps"] + 1
         keep = [i for i, it in enumerate(batch.items) if it.group["lr"] > 0]  # lr = 0: frozen
         sub = batch.subset(keep)
+        if batch.rule_kernel:
+            return self._pass("psdasgd_rule_step")(batch, sub)
         if not sub.items:
             return
         # per-tensor lr ratios c (methods/_dadapt.py: the network reparametrized by x = c·u, where the
         # scaled gradient is √c g/α and α² becomes c α²)
         ratios = self._lr_ratios(sub)
         ratio_vec = sub.vector(ratios)
-        coefficients = scale_coefficients(hp, t)
+        coefficients, started = scale_coefficients(sub, hp, S["steps"], S["g0_norm"])
         # n_0 and rms(α_0) come from the first step with a non-zero gradient (fused: a small persistent
         # launch that streams nothing after that, and gives the global sums as one (1, 2) row)
-        start = self._pass("psdasgd_start")(sub, coefficients, S["g0_norm"] > 0, ratio_vec)
+        start = self._pass("psdasgd_start")(sub, coefficients, started, ratio_vec)
         n_elements = torch.full((), float(sum(it.p.numel() for it in sub.items)), dtype=torch.float64,
                                 device=batch.device)
         start, n_elements = sub.sync(start, n_elements)
-        g0_norm, d, dlr = self._step_size(lr, sub.reduce(start[:, 0]), sub.reduce(start[:, 1]), n_elements)
+        g0_norm, d, dlr = psdasgd_step_size(S["g0_norm"], S["d"], sub.reduce(start[:, 0]), sub.reduce(start[:, 1]),
+                                            n_elements, hp["d0"], lr)
         ok = batch.ok
         # one pass: ⟨g, s_old⟩, ‖α ⊙ s_new‖² and max α_prev/α per tensor; v, m, s and x updated (step c λ)
         stats = self._pass("psdasgd_step")(sub, coefficients, dlr * ratio_vec)
         sums, = sub.sync(stats[:, :2])
-        # (a tensor without elements reduces to max = -inf: clamp before the square root)
-        max_ratio = sub.sync_max(stats[:, 2].max())
-        stats = torch.cat([sums, stats[:, 2:]], dim=1)
-        ratio = torch.where(t > 1, max_ratio.clamp_min(1.0).sqrt(), torch.ones_like(t))
+        max_ratio_sq = sub.sync_max(stats[:, 2].max())
         # ‖α ⊙ s‖ in the reparametrized coordinates: Σ ‖α ⊙ s‖² / c (s is the displacement of x)
-        weighted_sq = sub.reduce(sub.vector(1.0 / c for c in ratios) * stats[:, 1])
-        proceed = ok & (weighted_sq > 0)
-        new = self._rule(lr, d, sub.reduce(dlr * stats[:, 0], start=S["numerator"] / ratio), weighted_sq)
-        new.update(g0_norm=g0_norm, step_size=dlr, scale_ratio=ratio)
-        for name, value in new.items():
+        weighted_sq = sub.reduce(sub.vector(1.0 / c for c in ratios) * sums[:, 1])
+        ratio, shrunk = psdasgd_shrink(S["steps"] + 1, max_ratio_sq, S["numerator"])
+        numerator = sub.reduce(dlr * sums[:, 0], start=shrunk)
+        d_hat, d_next, proceed = psdasgd_distance(numerator, weighted_sq, d, hp["growth_rate"], lr > 0)
+        proceed = ok & proceed
+        for name, value in (("numerator", numerator), ("d_hat", d_hat), ("d", d_next), ("g0_norm", g0_norm),
+                            ("step_size", dlr), ("scale_ratio", ratio)):
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
+
+    def _rule_hyperparameters(self, adapting: StepBatch) -> tuple[float, ...]:
+        """The host values the rule kernels read (``lrfree.kernels.ps_dasgd``): (d0, γ, growth rate, the
+        number of elements of the ``adapting`` tensors, those with lr > 0)."""
+        hp = self.rule_group()
+        n_elements = sum(it.p.numel() for it in adapting.items)
+        return float(hp["d0"]), float(self._shared_lr()), float(hp["growth_rate"]), float(n_elements)
 
     # -- torch reference passes --------------------------------------------------------------------
     def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:

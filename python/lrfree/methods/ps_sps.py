@@ -29,7 +29,24 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import FusedOptimizer, StepBatch
+from ..scalar_math import M
 from ._scaling import ScaledStep, init_scaling_state, scale_coefficients
+
+
+def pssps_rule(loss, scaled_sq, smooth_ref, h, SMOOTH, CAPPED):
+    """PS-SPS's rule (``lrfree.scalar_math`` style): (η, the new growth reference, ‖g/α‖) from the loss,
+    ‖g/α‖² and the growth reference; h = (c, f*, growth per step gamma^(1/n_batches_per_epoch), eta_max),
+    ``SMOOTH``: the growth cap, ``CAPPED``: eta_max is set.
+
+    η = (f − f*)₊ / (c ‖g/α‖²) (0 for a zero gradient), growth-capped and at most eta_max."""
+    c, f_star, growth, eta_max = M.at(h, 0), M.at(h, 1), M.at(h, 2), M.at(h, 3)
+    eta = M.safe_div(M.maximum(loss - f_star, 0.0), c * scaled_sq, 0.0)
+    if SMOOTH:
+        eta = M.minimum(eta, growth * smooth_ref)
+    if CAPPED:
+        eta = M.minimum(eta, eta_max)
+    # a zero gradient takes no step and does not reset the growth reference
+    return eta, M.where(scaled_sq > 0, eta, smooth_ref), M.sqrt(scaled_sq)
 
 
 class PSSPS(FusedOptimizer):
@@ -58,6 +75,7 @@ class PSSPS(FusedOptimizer):
     shared_hyperparameters = ("c", "f_star", "betas", "eps", "amsgrad", "smooth", "gamma", "n_batches_per_epoch",
                               "eta_max", "scaling")
     kernels = "ps_sps"
+    fused_rule = True
 
     def __init__(self, params, c: float = 0.5, f_star: float = 0.0, betas=(0.0, 0.999), eps: float = 1e-8,
                  amsgrad: bool = False, *, lr: float = 1.0, weight_decay: float = 0.0, smooth: bool = True,
@@ -79,40 +97,46 @@ class PSSPS(FusedOptimizer):
     def initial_scalars(self):
         return {"step_size": 0.0, "smooth_ref": math.inf, "scaled_grad_norm": 0.0}
 
-    def _rule(self, loss: torch.Tensor, scaled_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        """η = (f − f*)₊ / (c ‖g/α‖²), growth-capped; from 0-d tensors only (shared by every backend)."""
-        hp, S = self.param_groups[0], self.S
-        eta = R.safe_div((loss - hp["f_star"]).clamp_min(0.0), hp["c"] * scaled_sq)
-        if hp["smooth"]:
-            eta = torch.minimum(eta, hp["gamma"] ** (1.0 / hp["n_batches_per_epoch"]) * S["smooth_ref"])
-        if hp["eta_max"] is not None:
-            eta = eta.clamp_max(hp["eta_max"])
-        # a zero gradient takes no step and does not reset the growth reference
-        ref = torch.where(scaled_sq > 0, eta, S["smooth_ref"])
-        return {"step_size": eta, "smooth_ref": ref, "scaled_grad_norm": scaled_sq.sqrt()}
+    def _rule_hyperparameters(self) -> tuple[tuple[float, ...], bool, bool]:
+        """(h, SMOOTH, CAPPED) of :func:`pssps_rule`, from group 0."""
+        hp = self.param_groups[0]
+        capped = hp["eta_max"] is not None
+        h = (float(hp["c"]), float(hp["f_star"]), float(hp["gamma"]) ** (1.0 / hp["n_batches_per_epoch"]),
+             float(hp["eta_max"]) if capped else math.inf)
+        return h, bool(hp["smooth"]), capped
 
     def _stats(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(coefficients, ‖g/α‖² over this rank's elements): the stats pass, once per step (α from this
-        step's v, nothing written)."""
+        """(coefficients, ‖g/α‖² per tensor over this rank's elements): the stats pass, once per step (α
+        from this step's v, nothing written)."""
         if not hasattr(batch, "_pssps_stats"):
-            coefficients = scale_coefficients(self.param_groups[0], self.S["steps"] + 1)
-            scaled_sq = batch.reduce(self._pass("pssps_stats")(batch, coefficients)[:, 0])
-            batch._pssps_stats = (coefficients, scaled_sq)
+            coefficients = scale_coefficients(batch, self.param_groups[0], self.S["steps"])
+            batch._pssps_stats = (coefficients, self._pass("pssps_stats")(batch, coefficients)[:, 0])
         return batch._pssps_stats
+
+    def _local_scaled_sq(self, batch: StepBatch) -> torch.Tensor:
+        """‖g/α‖² over this rank's elements (0-d), reduced once per step."""
+        if not hasattr(batch, "_pssps_scaled_sq"):
+            batch._pssps_scaled_sq = batch.reduce(self._stats(batch)[1])
+        return batch._pssps_scaled_sq
 
     def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
         # ‖g/α‖² is non-finite whenever a gradient element is (or its square overflows the state's
         # precision, a step no Adam-style rule could take), so the stats pass doubles as the guard
-        return self._stats(batch)[1]
+        return self._local_scaled_sq(batch)
 
     def _update(self, batch: StepBatch) -> None:
-        coefficients, local_scaled_sq = self._stats(batch)
-        scaled_sq, = batch.sync(local_scaled_sq)  # the step's one collective when sharded
+        coefficients, per_tensor = self._stats(batch)
+        if batch.rule_kernel:  # one launch: the accept decision (‖g/α‖² is the witness), η, the store, counters
+            coef = self._pass("pssps_rule")(batch, per_tensor)
+            self._pass("pssps_apply")(batch, coefficients, coef)
+            return
+        scaled_sq, = batch.sync(self._local_scaled_sq(batch))  # the step's one collective when sharded
         S, ok = self.S, batch.ok
-        new = self._rule(batch.loss, scaled_sq)
+        h, smooth, capped = self._rule_hyperparameters()
+        eta, ref, norm = pssps_rule(batch.loss, scaled_sq, S["smooth_ref"], batch.vector(h), smooth, capped)
         # apply pass: v, m and x updated
-        self._pass("pssps_apply")(batch, coefficients, new["step_size"] * batch.per_item("lr"))
-        for name, value in new.items():
+        self._pass("pssps_apply")(batch, coefficients, eta * batch.per_item("lr"))
+        for name, value in (("step_size", eta), ("smooth_ref", ref), ("scaled_grad_norm", norm)):
             self._set(name, value, ok)
         S["steps"].add_(ok.to(torch.float64))
 
