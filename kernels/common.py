@@ -9,6 +9,7 @@ with one parameter dtype — the usual case — gets exactly one launch per pass
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -34,14 +35,18 @@ def torch_acc_dtype(dtype: torch.dtype) -> torch.dtype:
 class DtypeGroup:
     """The active tensors of one parameter dtype: their positions in the step and their geometry."""
 
-    def __init__(self, batch, index: list[int], slots: Callable[[object], Sequence[torch.Tensor]]):
+    def __init__(self, batch, index: list[int], slots: Callable[[object], Sequence[torch.Tensor]] | None,
+                 geo: Geometry | None = None):
+        """``slots(item)`` lists the tensors the kernel streams; or ``geo`` is their geometry, known."""
         self.batch = batch
         self.index = index
         items = [batch.items[i] for i in index]
         self.items = items
         self.dtype = items[0].p.dtype
-        columns = [slots(it) for it in items]
-        self.geo: Geometry = geometry([[c[s] for c in columns] for s in range(len(columns[0]))])
+        if geo is None:
+            columns = [slots(it) for it in items]
+            geo = geometry([[c[s] for c in columns] for s in range(len(columns[0]))])
+        self.geo: Geometry = geo
         self.whole = len(index) == len(batch.items)
 
     def tiling(self, warps: int) -> dict:
@@ -81,18 +86,48 @@ def dtype_groups(batch, slots: Callable[[object], Sequence[torch.Tensor]], key: 
     "has a momentum buffer"), keeping those with ``only(item)``; ``slots(item)`` lists the tensors a
     kernel streams. Each group carries ``variant``, its ``key`` value. Tensors whose streams are not all
     aligned for 128-bit accesses (``multi_tensor.aligned``) form groups of their own."""
-    order: dict[tuple, list[int]] = {}
-    for i, it in enumerate(batch.items):
-        if only is None or only(it):
-            variant = key(it) if key else None
-            streams = slots(it) if key is None else slots(it, variant)
-            order.setdefault((it.p.dtype, variant, aligned(streams)), []).append(i)
+    # The step's tensors, in what decides the grouping and the geometry: each one's variant, dtype, size and
+    # the addresses of its streams. Reading these is the only per-tensor host work of a launch: the groups
+    # and geometries made from them are kept for the next step with the same tensors (measured on 592
+    # tensors, with the launches stubbed out: 2.9 → 1.2 ms per Adam step on the host).
+    signature = []
+    for it in batch.items:
+        if only is not None and not only(it):
+            signature.append(None)
+            continue
+        variant = key(it) if key else None
+        streams = slots(it) if key is None else slots(it, variant)
+        signature.append((variant, it.p.dtype, streams[0].numel(), *[t.data_ptr() for t in streams]))
+    signature = tuple(signature)
+    plan = _plans.get(signature)
+    if plan is None:
+        order: dict[tuple, list[int]] = {}
+        for i, it in enumerate(batch.items):
+            if signature[i] is not None:
+                variant = signature[i][0]
+                streams = slots(it) if key is None else slots(it, variant)
+                order.setdefault((it.p.dtype, variant, aligned(streams)), []).append(i)
+        plan = []
+        for (_, variant, _), index in order.items():
+            group = DtypeGroup(batch, index, lambda it, v=variant: slots(it) if key is None else slots(it, v))
+            plan.append((variant, index, group.geo))
+        _plans[signature] = plan
+        if len(_plans) > _PLANS:
+            _plans.popitem(last=False)
+    else:
+        _plans.move_to_end(signature)
     groups = []
-    for (_, variant, _), index in order.items():
-        group = DtypeGroup(batch, index, lambda it, v=variant: slots(it) if key is None else slots(it, v))
+    for variant, index, geo in plan:
+        group = DtypeGroup(batch, index, None, geo)
         group.variant = variant
         groups.append(group)
     return groups
+
+
+# dtype_groups' plans by the signature of the step's tensors: a few per method (one per pass); as many as
+# multi_tensor keeps geometries, since a plan keeps its geometries (and their partials buffers) alive
+_plans: "OrderedDict[tuple, list]" = OrderedDict()
+_PLANS = 64
 
 
 def assemble(batch, parts: list[tuple[DtypeGroup, torch.Tensor]]) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from . import validation as V
 from .backends import resolve_backend, validate_backend
 from .backends import torch_ref as R
-from .distributed import layout_for, local_real
+from .distributed import DTensor, layout_for, local_real
 from .state_dict import Checkpointing
 
 __all__ = ["FusedOptimizer", "StepBatch", "Item"]
@@ -36,7 +36,7 @@ __all__ = ["FusedOptimizer", "StepBatch", "Item"]
 GLOBAL, GROUP, TENSOR = "global", "group", "tensor"
 
 
-@dataclass
+@dataclass(slots=True)
 class Item:
     """One parameter that has a gradient in this step."""
 
@@ -500,6 +500,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
                             buf = self._master_grads[p] = torch.empty_like(state["master"])
                         buf.copy_(local_real(g))
                         items.append(Item(state["master"], buf, group, gi, flat_index, state, p))
+                    elif not isinstance(p, DTensor) and not p.is_complex():  # the usual case: p and g themselves
+                        items.append(Item(p, g, group, gi, flat_index, state, p))
                     else:  # a sharded (DTensor) parameter steps its local shard, a complex one its real view
                         items.append(Item(local_real(p), local_real(g), group, gi, flat_index, state, p))
                 flat_index += 1
