@@ -17,8 +17,9 @@ import triton
 import triton.language as tl
 
 F64 = torch.float64
-# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them)
-LANES = 1024
+# lanes of a rule kernel's loops over a step's tensors (a model has 10²–10⁴ of them); a constexpr, since
+# Triton's compiler rejects a jit function that reads a plain global (the interpreter does not)
+LANES = tl.constexpr(1024)
 
 
 @triton.jit
