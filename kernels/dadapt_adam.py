@@ -1,10 +1,15 @@
-"""D-Adapt Adam in one pass (ALGORITHMS §4.6). Per tensor, λ = dlr, c its group's lr ratio, r = layer_scale·c:
+"""D-Adapt Adam (ALGORITHMS §4.6): a rule kernel, one element pass, a rule kernel.
+
+The first rule kernel decides the step (``_dadapt``) and forms λ = d_k γ bc_k (``adam_step_size`` of
+methods/_dadapt.py). The element pass, per tensor, with c its group's lr ratio and r = layer_scale·c:
 
     g ← g + wd x (coupled);   (lr > 0)  ⟨g, s/(√v+ε)⟩ (old s, v);  m ← β1 m + rλ(1−β1) g;
     v ← β2 v + (1−β2) g²;  s ← √β2 s + λ(1−√β2) g;  ‖s‖₁;     x ← x − c wd λ x (decoupled);  x ← x − m/(√v+ε)
     (lr = 0: nothing is written, x included)
 
-R 20 (g, x, s, m, v), W 16 (s, m, v, x); partials ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor."""
+R 20 (g, x, s, m, v), W 16 (s, m, v, x); partials ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor. The second rule
+kernel sums them weighted by r (A = λ Σ r⟨g, s/(√v+ε)⟩, S1 = Σ r‖s‖₁), runs ``dadapt_adam_rule`` and
+commits the store."""
 
 from __future__ import annotations
 
@@ -12,9 +17,70 @@ import torch
 import triton
 import triton.language as tl
 
+from lrfree.methods._dadapt import adam_step_size as _step_size_rule
+from lrfree.methods.dadapt_adam import dadapt_adam_rule as _rule
+
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
+from .scalar_math import commit, fused, rule_kernel
+from ._dadapt import count_step, decide, decision_inputs, scaled_total
+
+STEP_SIZE = fused(_step_size_rule)
+RULE = fused(_rule)
+
+
+@rule_kernel
+def _dadapt_adam_step_size_kernel(h, d, steps, dlr_out, witness, n_witness, loss, found_inf, ok_out, skipped,
+                                  total_steps, BIAS_CORRECTION: tl.constexpr, GUARD: tl.constexpr,
+                                  HAS_LOSS: tl.constexpr, HAS_FOUND_INF: tl.constexpr, DECIDE: tl.constexpr,
+                                  COUNT_TOTAL: tl.constexpr):
+    """Accept, and λ_k (``dlr_out``) from d_k and the steps taken; h = (γ, β1, β2, √β2, growth rate)."""
+    decide(witness, n_witness, loss, found_inf, ok_out, skipped, total_steps, GUARD, HAS_LOSS, HAS_FOUND_INF,
+           DECIDE, COUNT_TOTAL)
+    tl.store(dlr_out, STEP_SIZE(tl.load(d), tl.load(h), tl.load(steps), tl.load(h + 1), tl.load(h + 2),
+                                BIAS_CORRECTION))
+
+
+@rule_kernel
+def _dadapt_adam_distance_kernel(stats, n, scale, h, dlr_ptr, d, d_hat, numerator, step_size, ok_out, steps,
+                                 ADAPT: tl.constexpr):
+    """A = Σ (r_t λ) ⟨g, s/(√v+ε)⟩_t and S1 = Σ r_t ‖s‖₁_t from the pass's (n, 2) statistics; N and d from
+    ``dadapt_adam_rule``; the store committed where the step is accepted and S1 > 0, which ``steps`` counts."""
+    dlr = tl.load(dlr_ptr)
+    numerator_step = scaled_total(stats, n, 0, 2, scale, dlr, True)
+    s_l1 = scaled_total(stats, n, 1, 2, scale, 1.0, True)
+    total, hat, d_next, estimable = RULE(tl.load(d), tl.load(numerator), numerator_step, s_l1, tl.load(h + 3),
+                                         tl.load(h + 4), ADAPT)
+    proceed = (tl.load(ok_out) != 0) & estimable
+    commit(numerator, total, proceed)
+    commit(d_hat, hat, proceed)
+    commit(d, d_next, proceed)
+    commit(step_size, dlr, proceed)
+    count_step(steps, proceed)
+
+
+def dadapt_adam_step_size(opt, batch, lr: float) -> torch.Tensor:
+    """The first rule kernel: decides the step; returns λ_k (fp64, one element)."""
+    S = opt.S
+    dlr = torch.empty(1, dtype=torch.float64, device=batch.device)
+    launch(_dadapt_adam_step_size_kernel, (1,), _hyperparameters(opt, batch, lr), S["d"], S["steps"], dlr,
+           BIAS_CORRECTION=opt.rule_group()["use_bias_correction"], **decision_inputs(opt, batch))
+    return dlr
+
+
+def dadapt_adam_distance(opt, batch, lr: float, scale: torch.Tensor, stats: torch.Tensor, dlr: torch.Tensor) -> None:
+    """The second rule kernel, on the element pass's (items, 2) statistics; ``scale``: every tensor's r."""
+    S = opt.S
+    launch(_dadapt_adam_distance_kernel, (1,), stats, stats.shape[0], scale, _hyperparameters(opt, batch, lr), dlr,
+           S["d"], S["d_hat"], S["numerator"], S["step_size"], ok_flag(batch), S["steps"], ADAPT=lr > 0)
+
+
+def _hyperparameters(opt, batch, lr: float) -> torch.Tensor:
+    """(γ, β1, β2, √β2, growth rate): what the rules read, as one cached fp64 vector."""
+    hp = opt.rule_group()
+    beta1, beta2 = hp["betas"]
+    return batch.vector((lr, beta1, beta2, beta2 ** 0.5, hp["growth_rate"]))
 
 
 @triton.jit

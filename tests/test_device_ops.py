@@ -7,12 +7,14 @@ stay within ``MAX_DEVICE_OPS`` and be the same at both sizes. The torch backend 
 reference; its speed on a CPU is a benchmark, bench/).
 """
 
+from collections import Counter
+
 import pytest
 import torch
 
 import lrfree
 from lrfree.device_ops import count_device_ops
-from optimizer_db import GLYDER_VARIANTS, OPTIMIZERS, require_backend
+from optimizer_db import BY_NAME, GLYDER_VARIANTS, OPTIMIZERS, require_backend
 
 # A fused step: the statistics pass and its reduction, the rule kernel, the apply pass, and a few more
 # where a method needs a second statistic or a second rule at a sync point (PS-DA-SGD's first step).
@@ -58,6 +60,38 @@ def test_a_fused_step_is_a_few_device_ops(info, variant, backend):
     small, large = counts
     assert small.total <= MAX_DEVICE_OPS, f"{small.total} device ops per step: {dict(small.by_name)}"
     assert small.by_name == large.by_name, "the ops of a step grow with the number of tensors"
+
+
+# the D-Adaptation members whose per_group_d steps run their rule kernels (methods/_dadapt.py)
+PER_GROUP_D = ("DAdaptSGD", "DAdaptAdam", "Prodigy")
+# what a step's groups share: the loss's conversion, the guard's Σg² pass and its reduction
+SHARED = Counter({"_to_copy": 1, "<_sumsq_kernel>": 1, "<_segment_reduce_kernel>": 1})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", PER_GROUP_D)
+def test_per_group_d_adds_each_groups_passes_and_nothing_else(name, backend):
+    """``per_group_d`` steps every param group with its own rule kernels and element passes: one group is
+    the default step, and each further group adds that step's ops less what the groups share (one accept
+    decision), however many tensors the groups hold."""
+    info = BY_NAME[name]
+    require_backend(info.cls, backend)
+
+    def make(groups):
+        def build(params):
+            size = -(-len(params) // groups)
+            chunks = [params[i:i + size] for i in range(0, len(params), size)]
+            return info.make([{"params": chunk, "lr": 1.0 / (1 + j)} for j, chunk in enumerate(chunks)],
+                             backend=backend, per_group_d=True)
+        return build
+
+    default = ops_of_third_step(lambda ps: info.make(ps, backend=backend), 2)
+    one, two, three = (ops_of_third_step(make(groups), 2) for groups in (1, 2, 3))
+    assert one.by_name == default.by_name
+    group = default.by_name - SHARED
+    assert two.by_name == default.by_name + group, dict(two.by_name)
+    assert three.by_name == two.by_name + group, dict(three.by_name)
+    assert ops_of_third_step(make(2), 4).by_name == two.by_name
 
 
 @pytest.mark.parametrize("variant", GLYDER_VARIANTS, ids=range(len(GLYDER_VARIANTS)))

@@ -372,6 +372,55 @@ def test_per_group_d_steps_each_group_as_its_own_optimizer(info, backend):
     assert float(together.scalars()["steps"]) == len(grads)
 
 
+@pytest.mark.parametrize("guard", [True, False], ids=["nan-gradient", "found-inf"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("info", PER_GROUP_D, ids=[i.name for i in PER_GROUP_D])
+def test_per_group_d_takes_or_rejects_a_step_as_a_whole(info, backend, guard):
+    """With ``per_group_d`` every group has its own d, but a step is one decision: a NaN in the *last*
+    group's gradient (or GradScaler's found-inf flag without the guard) leaves every group's parameters,
+    state and scalars bit-identical and counts one skipped step, not one per group; the next step is
+    counted once in ``steps`` and once in each group's ``group_steps``."""
+    require_backend(info.cls, backend)
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.randn(s, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+              for s in ((4, 6), (5,), (7,), (3, 2))]
+    opt = info.make([{"params": params[:2]}, {"params": params[2:], "lr": 0.5, "d0": 1e-4}], backend=backend,
+                    per_group_d=True, skip_nonfinite=guard)
+
+    def set_grads(t):
+        for i, p in enumerate(params):
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * (1 + i + t)).to(DEVICE)
+
+    for t in range(2):
+        set_grads(t)
+        opt.step()
+    def snapshot():
+        return ([p.detach().clone() for p in params], [{k: v.clone() for k, v in opt.state[p].items()} for p in params],
+                {k: v for k, v in opt.scalars().items() if k != "skipped"})
+
+    before = snapshot()
+    set_grads(2)
+    if guard:
+        params[3].grad.view(-1)[1] = math.nan
+    else:
+        opt.found_inf = torch.ones((), device=DEVICE)
+    opt.step()
+    if not guard:
+        del opt.found_inf
+    after = snapshot()
+    assert all(torch.equal(p, q) for p, q in zip(after[0], before[0]))
+    for state, state_before in zip(after[1], before[1]):
+        assert state.keys() == state_before.keys() and all(torch.equal(state[k], state_before[k]) for k in state)
+    assert after[2].keys() == before[2].keys() and all(torch.equal(after[2][k], before[2][k]) for k in after[2])
+    assert float(opt.scalars()["skipped"]) == 1.0
+    set_grads(3)
+    opt.step()
+    scalars = opt.scalars()
+    assert float(scalars["skipped"]) == 1.0 and float(scalars["steps"]) == 3.0
+    assert scalars["group_steps"].tolist() == [3.0, 3.0]
+    assert not torch.equal(params[0], before[0][0]) and not torch.equal(params[3], before[0][3])
+
+
 def test_per_group_d_is_off_by_default_and_group_lrs_are_ratios_then():
     """Without per_group_d one d is shared; a group lr different from the others is a ratio of the shared
     step (tests/test_group_lr.py checks its semantics), not an error."""

@@ -6,7 +6,9 @@ with the rule's hyperparameters (betas, d0, growth rate, ...) from group 0, as i
 ``per_group_d=True`` steps every param group as its own D-Adaptation optimizer: its own d, numerator,
 step counter and hyperparameters, and its own lr as γ. A group with a very different gradient scale
 (embeddings, norms) then no longer sets the step of the others. It costs one set of passes per group
-(launches × groups) and, under data parallelism, one sync point per group.
+(launches × groups) and, under data parallelism, one sync point per group. A step is still taken or
+rejected as a whole (a non-finite gradient in any group skips every group's step); with rule kernels
+the first group's makes that decision for all (kernels/_dadapt.py).
 
 Per-group lr with one shared d
 ------------------------------
@@ -46,6 +48,19 @@ import torch
 
 from .. import validation as V
 from ..optimizer import FusedOptimizer, StepBatch
+from ..scalar_math import M
+
+
+def adam_step_size(d, lr, steps, beta1, beta2, BIAS_CORRECTION):
+    """λ_k = d_k γ bc_k with bc_k = √(1−β2^{k+1}) / (1−β1^{k+1}) under ``BIAS_CORRECTION`` (else 1): the step
+    of the Adam-direction members (D-Adapt Adam, Prodigy); ``steps`` = k, the steps taken so far
+    (``lrfree.scalar_math`` rule: the torch backend and the members' rule kernels run this function)."""
+    if BIAS_CORRECTION:
+        k = steps + 1
+        step = d * lr * (M.sqrt(1 - M.pow(beta2, k)) / (1 - M.pow(beta1, k)))
+    else:
+        step = d * lr
+    return step
 
 
 class DAdaptBase(FusedOptimizer):
@@ -53,6 +68,8 @@ class DAdaptBase(FusedOptimizer):
         V.BOOL(type(self).__name__, "per_group_d", per_group_d)
         self.per_group_d = per_group_d
         self._current_group: int | None = None
+        # per-group d on a rule-kernel step: the whole step, whose accept decision the groups share
+        self._whole_step: StepBatch | None = None
         super().__init__(params, defaults, **options)
 
     def _validate_hyperparameters(self, owner, index, group, first):
@@ -91,28 +108,33 @@ class DAdaptBase(FusedOptimizer):
         groups: dict[int, list[int]] = {}
         for i, it in enumerate(batch.items):
             groups.setdefault(it.group_index, []).append(i)
+        subsets = {gi: batch.subset(index) for gi, index in groups.items()}
+        if batch.rule_kernel:
+            # the first group's rule kernel decides for the whole step (kernels/_dadapt.py), from a witness
+            # that covers every group: the guard's Σg² pass over the whole step, run after the subsets were
+            # taken so that they copy none of its rows (the rule kernels read the whole step's)
+            if self.skip_nonfinite:
+                _ = batch.local_grad_sq
+            self._whole_step = batch
         try:
-            for gi, index in groups.items():
+            for gi, sub in subsets.items():
                 # 0-d views into the per-group vectors: the method's in-place writes land in group gi's slot
                 self._scalar_view = {**store, **{name: store[name][gi] for name in per_group},
                                      "steps": store["group_steps"][gi]}
                 self._current_group = gi
-                self._update_d(batch.subset(index))
+                self._update_d(sub)
         finally:
-            self._scalar_view, self._current_group = None, None
+            self._scalar_view, self._current_group, self._whole_step = None, None, None
+        if batch.rule_kernel:  # counted by the rule kernels: "steps" and "skipped" by the first group's
+            return
         # the optimizer-wide count: steps taken by any group (each group counts its own in "group_steps")
         store["steps"].add_(batch.ok.to(torch.float64))
 
     # -- shared pieces of the members' rules --------------------------------------------------------
     def _adam_step_size(self, lr: float) -> torch.Tensor:
-        """λ_k = d_k γ bc_k, bc_k = √(1−β2^{k+1}) / (1−β1^{k+1}) with bias correction (else 1), the
-        step of the Adam-direction members (D-Adapt Adam, Prodigy); betas and the flag from the rule group."""
+        """:func:`adam_step_size` on the store's d and step count; betas and the flag from the rule group."""
         hp = self.rule_group()
-        beta1, beta2 = hp["betas"]
-        k = self.S["steps"]
-        bias_correction = ((1 - beta2 ** (k + 1)).sqrt() / (1 - beta1 ** (k + 1))
-                           if hp["use_bias_correction"] else 1.0)
-        return self.S["d"] * lr * bias_correction
+        return adam_step_size(self.S["d"], lr, self.S["steps"], *hp["betas"], hp["use_bias_correction"])
 
     def _shared_lr(self) -> float:
         """γ: the group's own lr with per-group d; else the largest group lr (see the module docstring

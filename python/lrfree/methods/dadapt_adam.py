@@ -31,7 +31,21 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._dadapt import DAdaptBase
+
+
+def dadapt_adam_rule(d, numerator, numerator_step, s_l1, sqrt_beta2, growth_rate, ADAPT):
+    """N ← √β2 N + (1−√β2) A;  d̂ = N / ((1−√β2) ‖s‖₁);  d_{k+1} = max(d_k, min(d̂, d_k · growth_rate)), d frozen
+    unless ``ADAPT`` (γ > 0); returns (N, d̂, d_{k+1}, whether ‖s‖₁ > 0, i.e. whether there is anything to
+    estimate)."""
+    numerator = sqrt_beta2 * numerator + (1 - sqrt_beta2) * numerator_step
+    d_hat = M.safe_div(numerator, (1 - sqrt_beta2) * s_l1, 0.0)
+    if ADAPT:
+        d_next = M.maximum(d, M.minimum(d_hat, d * growth_rate))
+    else:
+        d_next = d
+    return numerator, d_hat, d_next, s_l1 > 0
 
 
 class DAdaptAdam(DAdaptBase):
@@ -57,6 +71,7 @@ class DAdaptAdam(DAdaptBase):
                        "log_every": V.integer(0), "decouple": V.BOOL, "use_bias_correction": V.BOOL,
                        "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL, "layer_scale": V.NONNEG}
     kernels = "dadapt_adam"
+    fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
@@ -80,31 +95,27 @@ class DAdaptAdam(DAdaptBase):
         d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "step_size": 0.0}
 
-    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _rule(self, lr: float, numerator_step: torch.Tensor, s_l1: torch.Tensor) -> dict[str, torch.Tensor]:
-        """N ← √β2 N + (1−√β2) A;  d_{k+1} = max(d_k, min(N / ((1−√β2) ‖s‖₁), d_k · growth_rate))."""
-        hp = self.rule_group()
-        sqrt_beta2 = hp["betas"][1] ** 0.5
-        d = self.S["d"]
-        numerator = sqrt_beta2 * self.S["numerator"] + (1 - sqrt_beta2) * numerator_step
-        d_hat = R.safe_div(numerator, (1 - sqrt_beta2) * s_l1)
-        d_next = torch.maximum(d, torch.minimum(d_hat, d * hp["growth_rate"])) if lr > 0 else d
-        return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
-
     def _update_d(self, batch: StepBatch) -> None:
-        S, ok = self.S, batch.ok
         lr = self._shared_lr()
-        dlr = self._adam_step_size(lr)
         ratios = self._lr_ratios(batch)
-        # one pass: ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor; m, v, s and x updated
-        stats, = batch.sync(self._pass("dadapt_adam_step")(batch, dlr, ratios))
         # r = layer_scale × lr ratio: the group's weight in the step and in both statistics of d
         scale = batch.vector(it.group["layer_scale"] * c for it, c in zip(batch.items, ratios))
+        if batch.rule_kernel:  # rule kernel: accept and λ_k; the pass; rule kernel: N, d, the store
+            dlr = self._pass("dadapt_adam_step_size")(batch, lr)
+            stats = self._pass("dadapt_adam_step")(batch, dlr, ratios)
+            self._pass("dadapt_adam_distance")(batch, lr, scale, stats, dlr)
+            return
+        S, ok = self.S, batch.ok
+        hp = self.rule_group()
+        dlr = self._adam_step_size(lr)
+        # one pass: ⟨g, s/(√v+ε)⟩ and ‖s_new‖₁ per tensor; m, v, s and x updated
+        stats, = batch.sync(self._pass("dadapt_adam_step")(batch, dlr, ratios))
         s_l1 = batch.reduce(scale * stats[:, 1])
-        proceed = ok & (s_l1 > 0)
-        new = self._rule(lr, batch.reduce(scale * dlr * stats[:, 0]), s_l1)
-        new["step_size"] = dlr
-        for name, value in new.items():
+        numerator, d_hat, d_next, estimable = dadapt_adam_rule(
+            S["d"], S["numerator"], batch.reduce(scale * dlr * stats[:, 0]), s_l1, hp["betas"][1] ** 0.5,
+            hp["growth_rate"], lr > 0)
+        proceed = ok & estimable
+        for name, value in dict(numerator=numerator, d_hat=d_hat, d=d_next, step_size=dlr).items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 

@@ -29,15 +29,33 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._dadapt import DAdaptBase
+
+
+def dadapt_sgd_step_size(d, g0_norm, grad_sq, lr):
+    """λ_k = d_k γ / ‖g_0‖, fixing ‖g_0‖ at the first non-zero gradient norm (``grad_sq`` = Σ c ‖g‖² of
+    this step, used while the stored ‖g_0‖ is 0): returns (‖g_0‖, λ_k)."""
+    g0_norm = M.where(g0_norm > 0, g0_norm, M.sqrt(grad_sq))
+    return g0_norm, M.safe_div(d * lr, g0_norm, 0.0)
+
+
+def distance_rule(d, numerator, s_sq, growth_rate, ADAPT):
+    """D-Adapt SGD's rule: d̂ = 2N/‖s‖,  d_{k+1} = max(d_k, min(d̂, d_k · growth_rate)), d frozen unless
+    ``ADAPT`` (γ > 0); returns (d̂, d_{k+1}, whether ‖s‖ > 0, i.e. whether there is anything to estimate)."""
+    d_hat = M.safe_div(2.0 * numerator, M.sqrt(s_sq), 0.0)
+    if ADAPT:
+        d_next = M.maximum(d, M.minimum(d_hat, d * growth_rate))
+    else:
+        d_next = d
+    return d_hat, d_next, s_sq > 0
 
 
 def distance_estimate(lr: float, d: torch.Tensor, numerator: torch.Tensor, s_sq: torch.Tensor,
                       growth_rate: float) -> dict[str, torch.Tensor]:
-    """D-Adapt SGD's rule: d̂ = 2N/‖s‖,  d_{k+1} = max(d_k, min(d̂, d_k · growth_rate)) (d is frozen when
-    γ = 0). PS-DA-SGD runs the same rule with the α-weighted norm ‖α ⊙ s‖."""
-    d_hat = R.safe_div(2.0 * numerator, s_sq.sqrt())
-    d_next = torch.maximum(d, torch.minimum(d_hat, d * growth_rate)) if lr > 0 else d
+    """:func:`distance_rule` on 0-d tensors, as a dict of the new scalars. PS-DA-SGD runs the same rule
+    with the α-weighted norm ‖α ⊙ s‖."""
+    d_hat, d_next, _ = distance_rule(d, numerator, s_sq, growth_rate, lr > 0)
     return {"numerator": numerator, "d_hat": d_hat, "d": d_next}
 
 
@@ -61,6 +79,7 @@ class DAdaptSGD(DAdaptBase):
     hyperparameters = {"lr": V.NONNEG, "momentum": V.UNIT_INTERVAL, "weight_decay": V.NONNEG,
                        "log_every": V.integer(0), "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL}
     kernels = "dadapt_sgd"
+    fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
@@ -82,36 +101,34 @@ class DAdaptSGD(DAdaptBase):
         d0 = group["d0"]
         return {"d": d0, "d_hat": d0, "numerator": 0.0, "g0_norm": 0.0, "step_size": 0.0}
 
-    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _step_size(self, lr: float, grad_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """λ_k = d_k γ / ‖g_0‖, fixing ‖g_0‖ at the first non-zero gradient norm."""
-        S = self.S
-        g0_norm = torch.where(S["g0_norm"] > 0, S["g0_norm"], grad_sq.sqrt())
-        return g0_norm, R.safe_div(S["d"] * lr, g0_norm)
-
-    def _rule(self, lr: float, numerator: torch.Tensor, s_sq: torch.Tensor) -> dict[str, torch.Tensor]:
-        return distance_estimate(lr, self.S["d"], numerator, s_sq, self.rule_group()["growth_rate"])
-
     def _update_d(self, batch: StepBatch) -> None:
         hp = self.rule_group()
         lr = self._shared_lr()
         ratios = self._lr_ratios(batch)
+        if batch.rule_kernel:
+            # rule kernel: accept, λ and every tensor's c λ; the pass; rule kernel: N, Q, d, the store
+            steps, pending = self._pass("dadapt_sgd_step_size")(batch, lr, ratios)
+            stats = self._pass("dadapt_sgd_step")(batch, steps, hp["weight_decay"], hp["momentum"])
+            self._pass("dadapt_sgd_distance")(batch, lr, ratios, stats, pending)
+            return
+        S = self.S
         keep = [i for i, c in enumerate(ratios) if c > 0]
         adapting = batch.subset(keep)
         # ‖g0‖² = Σ c ‖g‖² (the gradient in the reparametrized coordinates is √c g), only until it is
         # known: from the guard's pass, or a small launch that stops streaming then
-        g0_norm, dlr = self._step_size(lr, adapting.grad_sq_until(self.S["g0_norm"] > 0,
-                                                                  batch.vector(ratios[i] for i in keep)))
-        S, ok = self.S, batch.ok
+        g0_norm, dlr = dadapt_sgd_step_size(S["d"], S["g0_norm"], adapting.grad_sq_until(
+            S["g0_norm"] > 0, batch.vector(ratios[i] for i in keep)), lr)
+        ok = batch.ok  # after the first collective (data parallel), which settles it
         # one pass: ⟨g, s_old⟩ and ‖s_new‖² per tensor, s += c λ g and x updated
         stats, = batch.sync(self._pass("dadapt_sgd_step")(batch, dlr * batch.vector(ratios), hp["weight_decay"],
                                                            hp["momentum"]))
         # Q = Σ ‖s‖²/c: ‖s‖ in the reparametrized coordinates (lr = 0 tensors have no s and weigh 0)
         s_sq = batch.reduce(batch.vector(1.0 / c if c > 0 else 0.0 for c in ratios) * stats[:, 1])
+        numerator = batch.reduce(dlr * stats[:, 0], start=S["numerator"])
+        d_hat, d_next, estimable = distance_rule(S["d"], numerator, s_sq, hp["growth_rate"], lr > 0)
         # s = 0 everywhere (no gradient yet): nothing to estimate; x moved only toward x0 = x
-        proceed = ok & (s_sq > 0)
-        new = self._rule(lr, batch.reduce(dlr * stats[:, 0], start=S["numerator"]), s_sq)
-        new.update(step_size=dlr, g0_norm=g0_norm)
+        proceed = ok & estimable
+        new = dict(numerator=numerator, d_hat=d_hat, d=d_next, step_size=dlr, g0_norm=g0_norm)
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))

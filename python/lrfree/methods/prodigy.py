@@ -33,7 +33,23 @@ import torch
 from .. import validation as V
 from ..backends import torch_ref as R
 from ..optimizer import StepBatch
+from ..scalar_math import M
 from ._dadapt import DAdaptBase
+
+
+def prodigy_rule(d, d_max, d_hat, numerator, delta, denominator, first_d0, beta3, d_coef, growth_rate, ADAPT):
+    """R ← β3 R + ΔR;  d̂ = d_coef R/‖s‖₁;  d jumps to d̂ only while d = ``first_d0``;  d_max ← max(d_max, d̂);
+    d_{k+1} = min(d_max, d·growth_rate). d, d̂ and d_max are frozen unless ``ADAPT`` (γ > 0). Returns
+    (R, d̂, d_max, d_{k+1}, whether ‖s‖₁ > 0, i.e. whether there is anything to estimate)."""
+    numerator = beta3 * numerator + delta
+    if ADAPT:
+        d_hat = M.safe_div(d_coef * numerator, denominator, 0.0)
+        d_new = M.where(d == first_d0, M.maximum(d, d_hat), d)
+        d_max = M.maximum(d_max, d_hat)
+        d_next = M.minimum(d_max, d_new * growth_rate)
+    else:
+        d_next = d
+    return numerator, d_hat, d_max, d_next, denominator > 0
 
 
 class Prodigy(DAdaptBase):
@@ -63,6 +79,7 @@ class Prodigy(DAdaptBase):
                        "safeguard_warmup": V.BOOL, "d0": V.POSITIVE, "d_coef": V.POSITIVE, "growth_rate": V.GROWTH,
                        "fsdp_in_use": V.BOOL, "slice_p": V.integer(1)}
     kernels = "prodigy"
+    fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
                  weight_decay: float = 0, decouple: bool = True, use_bias_correction: bool = False,
@@ -96,35 +113,36 @@ class Prodigy(DAdaptBase):
         d0 = group["d0"]
         return {"d": d0, "d_max": d0, "d_hat": d0, "numerator": 0.0, "denominator": 0.0, "step_size": 0.0}
 
-    # -- the scalar rule (0-d tensors only; shared by every backend) ------------------------------
-    def _rule(self, lr: float, delta: torch.Tensor, denominator: torch.Tensor) -> dict[str, torch.Tensor]:
-        """R ← β3 R + ΔR;  d̂ = d_coef R/‖s‖₁;  d jumps to d̂ only while d = d0;  d_{k+1} = min(d_max, d·growth)."""
-        hp, S = self.rule_group(), self.S
-        beta3 = math.sqrt(hp["betas"][1]) if hp["beta3"] is None else hp["beta3"]
-        d = S["d"]
-        numerator = beta3 * S["numerator"] + delta
-        new = {"numerator": numerator, "denominator": denominator}
-        if lr > 0:
-            d_hat = R.safe_div(hp["d_coef"] * numerator, denominator)
-            d_new = torch.where(d == self._first_rise_d0(), torch.maximum(d, d_hat), d)
-            d_max = torch.maximum(S["d_max"], d_hat)
-            new.update(d_hat=d_hat, d_max=d_max, d=torch.minimum(d_max, d_new * hp["growth_rate"]))
-        return new
+    def _beta3(self) -> float:
+        """β3, the decay of the D-estimate's EMAs: the rule group's, or √β2 (as prodigyopt takes it)."""
+        hp = self.rule_group()
+        return math.sqrt(hp["betas"][1]) if hp["beta3"] is None else hp["beta3"]
 
     def _update_d(self, batch: StepBatch) -> None:
-        S, ok = self.S, batch.ok
         lr = self._shared_lr()
+        ratios = self._lr_ratios(batch)
+        if batch.rule_kernel:
+            # rule kernel: accept, λ_k and the passes' coefficients; pass A; rule kernel: d and the store; pass B
+            coefficients = self._pass("prodigy_step_size")(batch, lr, ratios)
+            stats = self._pass("prodigy_rule_stats")(batch, coefficients)
+            proceed = self._pass("prodigy_distance")(batch, lr, stats, coefficients)
+            self._pass("prodigy_apply")(batch, coefficients.steps, self.S["d"], proceed)  # d committed: d_{k+1}
+            return
+        S, ok = self.S, batch.ok
+        hp = self.rule_group()
         d = S["d"]
         dlr = self._adam_step_size(lr)
-        ratios = batch.vector(self._lr_ratios(batch))
+        ratios = batch.vector(ratios)
         # pass A: ⟨g_J, p0 − x_J⟩ and ‖s_new‖₁ per tensor; m, v and s updated
         stats, = batch.sync(self._pass("prodigy_stats")(batch, d, dlr, ratios))
         denominator = batch.reduce(stats[:, 1])
-        proceed = ok & (denominator > 0)
-        new = self._rule(lr, batch.reduce((d / batch.per_item("d0")) * dlr * stats[:, 0]), denominator)
+        numerator, d_hat, d_max, d_next, estimable = prodigy_rule(
+            d, S["d_max"], S["d_hat"], S["numerator"], batch.reduce((d / batch.per_item("d0")) * dlr * stats[:, 0]),
+            denominator, self._first_rise_d0(), self._beta3(), hp["d_coef"], hp["growth_rate"], lr > 0)
+        proceed = ok & estimable
         # pass B: the update (each tensor's step c λ), with the new d inside ε
-        self._pass("prodigy_apply")(batch, dlr * ratios, new.get("d", d), proceed)
-        new["step_size"] = dlr
+        self._pass("prodigy_apply")(batch, dlr * ratios, d_next, proceed)
+        new = dict(numerator=numerator, denominator=denominator, d_hat=d_hat, d_max=d_max, d=d_next, step_size=dlr)
         for name, value in new.items():
             self._set(name, value, proceed)
         S["steps"].add_(proceed.to(torch.float64))
