@@ -28,11 +28,15 @@ def _triton_kernels(module_name):
 
 
 def test_every_kernel_of_a_covered_method_is_in_the_extension():
-    """A covered method launches only kernels the extension has (plus the shared Σg² and reduce)."""
+    """A covered method launches only kernels the extension has (plus the shared Σg² and reduce), except its
+    one-program rule kernels, which run in Triton on every fused backend (kernels.scalar_math.rule_kernel)."""
     needed = {"common._sumsq_kernel", "multi_tensor._segment_reduce_kernel"}
+    rules = set()
     for module in cuda_ext.COVERED_MODULES:
-        needed |= set(_triton_kernels(module))
+        for key, kernel in _triton_kernels(module).items():
+            (rules if getattr(kernel, "lrfree_rule", False) else needed).add(key)
     assert needed == set(cuda_ext.FLAGS)
+    assert rules and not rules & set(cuda_ext.FLAGS)
 
 
 def test_flags_name_constexpr_parameters_of_the_triton_twin():
