@@ -126,7 +126,8 @@ def prodigy_distance(opt, batch, lr: float, stats: torch.Tensor, coefficients: C
     proceed = torch.empty((), dtype=torch.int32, device=batch.device)
     launch(_prodigy_distance_kernel, (1,), stats, stats.shape[0], batch.per_item("d0"),
            _hyperparameters(opt, batch, lr), coefficients.dlr, S["d"], S["d_max"], S["d_hat"], S["numerator"],
-           S["denominator"], S["step_size"], ok_flag(batch), proceed, S["steps"], ADAPT=lr > 0)
+           S["denominator"], S["step_size"], ok_flag(batch), proceed, S["steps"], ADAPT=lr > 0,
+           num_warps=8)  # two 1024-lane fp64 sums: at 4 warps Triton 3.6 spills them on sm_90
     return proceed
 
 
