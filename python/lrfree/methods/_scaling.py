@@ -47,27 +47,28 @@ def init_scaling_state(opt, p, group, hp: dict | None = None) -> dict[str, torch
 
 
 class ScaledStep:
-    """The per-tensor quantities of one step under the Adam scaling rule (torch reference).
+    """The per-tensor quantities of one step under the Adam scaling rule (torch reference), for the
+    tensors of one chunk (``lrfree.backends.torch_ref.Chunk``).
 
     ``alpha_sq`` is α_t² (new, including g_t); ``alpha_sq_prev`` is α_{t−1}² from the stored v (only
     meaningful from the second step on); ``direction`` is u_t without weight decay. New moment values
     are committed with :meth:`commit`.
     """
 
-    def __init__(self, hp: dict, state: dict, g: torch.Tensor, t: torch.Tensor):
+    def __init__(self, hp: dict, chunk: R.Chunk, g: torch.Tensor, t: torch.Tensor):
         beta1, beta2 = hp["betas"]
-        self.state, self.hp = state, hp
+        self.chunk, self.hp = chunk, hp
         self.new = {}
         if hp["scaling"] == "adam":
             eps = hp["eps"]
-            v = state["exp_avg_sq"]
+            v = chunk.state("exp_avg_sq")
             v_new = R.addcmul(v * beta2, g, g, 1 - beta2)
             self.new["exp_avg_sq"] = v_new
             bc_new, bc_prev = 1 - beta2 ** t, 1 - beta2 ** (t - 1)
             if hp["amsgrad"]:
                 # the running max of the *bias-corrected* v̂, so α never decreases (the setting of the
                 # paper's convergence proof) and the max-scale-ratio is exactly 1
-                v_hat_prev = state["max_exp_avg_sq"]
+                v_hat_prev = chunk.state("max_exp_avg_sq")
                 v_hat = torch.maximum(v_hat_prev, v_new / bc_new)
                 self.new["max_exp_avg_sq"] = v_hat
                 self.alpha_sq = v_hat.sqrt() + eps
@@ -79,18 +80,19 @@ class ScaledStep:
         else:
             self.alpha_sq = self.alpha_sq_prev = torch.ones_like(g)
         if beta1 > 0:
-            m_new = torch.lerp(state["exp_avg"], g, 1 - beta1)
+            m_new = torch.lerp(chunk.state("exp_avg"), g, 1 - beta1)
             self.new["exp_avg"] = m_new
             self.direction = (m_new / (1 - beta1 ** t)) / self.alpha_sq
         else:
             self.direction = g / self.alpha_sq
 
     def max_scale_ratio(self, t: torch.Tensor) -> torch.Tensor:
-        """max_j α_{t−1,j} / α_{t,j} (1 at the first step, where α_{t−1} is undefined)."""
-        ratios = (self.alpha_sq_prev / self.alpha_sq).reshape(-1)
-        ratio = torch.cat([ratios, ratios.new_ones(1)]).max().sqrt().to(torch.float64)  # 1 for an empty tensor
+        """max_j α_{t−1,j} / α_{t,j} of each tensor (1 at the first step, where α_{t−1} is undefined, and for a
+        tensor without elements): fp64, one per tensor of the chunk."""
+        ratios = self.alpha_sq_prev / self.alpha_sq
+        ratio = self.chunk.amax(ratios).clamp_min(1.0).sqrt().to(torch.float64)  # max(ratios ∪ {1})
         return torch.where(t > 1, ratio, torch.ones_like(ratio))
 
     def commit(self, ok: torch.Tensor) -> None:
         for key, value in self.new.items():
-            R.commit_(self.state[key], value, ok)
+            self.chunk.commit_state(key, value, ok)
