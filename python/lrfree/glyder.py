@@ -406,10 +406,12 @@ class GLyDER(FusedOptimizer):
                 g = R.axpy(g, x, group["weight_decay"])
             m, v = update_moments_(c, g, ok)
             d = self._adam_direction(c, m, v, step, x)
-            a = c.load("probe", [probe[it.param] for it in c.items]) if probe is not None else g
+            grad_dot = c.dot(g, d)
+            # ⟨a, d⟩: the probe half's gradient, or this one's ("batch": the same reduction)
+            a_dot = c.dot(c.load("probe", [probe[it.param] for it in c.items]), d) if probe is not None else grad_dot
             gnb_dot = (c.dot(c.load("gnb", [gnb[it.param] for it in c.items]), d) if gnb is not None
                        else torch.zeros(len(c), dtype=torch.float64, device=d.device))
-            return torch.stack([c.dot(a, d), c.sumsq(d), gnb_dot, c.dot(g, d)], dim=1)
+            return torch.stack([a_dot, c.sumsq(d), gnb_dot, grad_dot], dim=1)
         return R.per_item(batch, stats)
 
     def _ref_glyder_adam_apply(self, batch: StepBatch, step: torch.Tensor, coef: torch.Tensor) -> None:

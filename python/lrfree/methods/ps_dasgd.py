@@ -160,20 +160,12 @@ class PSDASGD(DAdaptBase):
         S["steps"].add_(proceed.to(torch.float64))
 
     # -- torch reference passes --------------------------------------------------------------------
-    def _scaled_steps(self, batch: StepBatch) -> list[tuple[R.Chunk, ScaledStep]]:
-        """Every chunk's scaled step, formed once per step (the start pass writes nothing)."""
-        cached = batch.__dict__.get("_scaled_steps")
-        if cached is None:
-            t = self.S["steps"] + 1
-            cached = batch._scaled_steps = [(c, ScaledStep(self._group_hp(c.group), c, c.grads, t))
-                                            for c in R.chunks(batch)]
-        return cached
+    def _scaled_step(self, c: R.Chunk, scale_ratio: bool = False) -> ScaledStep:
+        return ScaledStep(self._group_hp(c.group), c, c.grads, self.S["steps"] + 1, scale_ratio)
 
     def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started, ratios: torch.Tensor) -> torch.Tensor:
-        steps = dict(self._scaled_steps(batch))
-
         def start(c: R.Chunk) -> torch.Tensor:
-            st, g = steps[c], c.grads
+            st, g = self._scaled_step(c), c.grads
             return torch.stack([c.sum(g * g / st.alpha_sq), c.sum(st.alpha_sq)], dim=1) * \
                 ratios.index_select(0, c.index).unsqueeze(1)
         return R.per_item(batch, start)
@@ -181,11 +173,9 @@ class PSDASGD(DAdaptBase):
     def _ref_psdasgd_step(self, batch: StepBatch, coefficients, steps: torch.Tensor) -> torch.Tensor:
         """``steps``: every tensor's c λ (fp64, one per item)."""
         ok = batch.ok
-        t = self.S["steps"] + 1
-        scaled = dict(self._scaled_steps(batch))
 
         def step(c: R.Chunk) -> torch.Tensor:
-            st = scaled[c]
+            st = self._scaled_step(c, scale_ratio=True)
             dlr = c.per_tensor(steps)
             momentum = c.group["momentum"]
             averaging = 1.0 - momentum
@@ -196,7 +186,7 @@ class PSDASGD(DAdaptBase):
             s = c.state("s")
             s_next = R.axpy(s, u, dlr)
             stats = torch.stack([c.dot(g, s), c.sum(s_next * s_next * st.alpha_sq),
-                                 st.max_scale_ratio(t).square()], dim=1)
+                                 st.scale_ratio.square()], dim=1)
             if momentum > 0:
                 x_next = R.axpy(x * (1.0 - averaging), c.state("x0") - s_next, averaging)
             else:

@@ -117,22 +117,15 @@ class PSSPS(FusedOptimizer):
         S["steps"].add_(ok.to(torch.float64))
 
     # -- torch reference passes --------------------------------------------------------------------
-    def _scaled_steps(self, batch: StepBatch) -> list[tuple[R.Chunk, ScaledStep]]:
-        """Every chunk's scaled step, formed once per step: the stats pass writes nothing, so the apply
-        pass finds the same values."""
-        cached = batch.__dict__.get("_scaled_steps")
-        if cached is None:
-            t = self.S["steps"] + 1
-            cached = batch._scaled_steps = [(c, ScaledStep(self.param_groups[0], c, c.grads, t))
-                                            for c in R.chunks(batch)]
-        return cached
+    def _scaled_step(self, c: R.Chunk) -> ScaledStep:
+        return ScaledStep(self.param_groups[0], c, c.grads, self.S["steps"] + 1)
 
     def _ref_pssps_stats(self, batch: StepBatch, coefficients) -> torch.Tensor:
-        steps = dict(self._scaled_steps(batch))
-        return R.per_item(batch, lambda c: c.sum(c.grads ** 2 / steps[c].alpha_sq).unsqueeze(1))
+        return R.per_item(batch, lambda c: c.sum(c.grads ** 2 / self._scaled_step(c).alpha_sq).unsqueeze(1))
 
     def _ref_pssps_apply(self, batch: StepBatch, coefficients, coef: torch.Tensor) -> None:
-        for c, st in self._scaled_steps(batch):
+        for c in R.chunks(batch):
+            st = self._scaled_step(c)
             x = c.params
             u = st.direction
             if c.group["weight_decay"] != 0:
