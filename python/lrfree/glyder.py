@@ -430,44 +430,49 @@ class GLyDER(FusedOptimizer):
         self._set_at("step", index, step, batch.ok)
         self._commit_rule(new, batch.ok)
 
-    def _adam_direction(self, it, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
-        group = it.group
+    def _adam_direction(self, c: R.Chunk, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, x: torch.Tensor):
+        """d of the tensors of chunk ``c`` (``t``: every item's Adam step, fp64, one per item of the batch)."""
+        group = c.group
         beta1, beta2 = group["betas"]
-        d = (m / (1 - beta1 ** t)) / (v.sqrt() / (1 - beta2 ** t).sqrt() + group["eps"])
+        d = (m / c.per_tensor(1 - beta1 ** t)) / (v.sqrt() / c.per_tensor((1 - beta2 ** t).sqrt()) + group["eps"])
         if self.decoupled and group["weight_decay"] != 0:
             d = R.axpy(d, x, group["weight_decay"])
         return d
 
+    def _stored_direction(self, c: R.Chunk, step: torch.Tensor) -> torch.Tensor:
+        """d of chunk ``c`` from its current (committed) m and v, in the compute dtype."""
+        v = c.state("max_exp_avg_sq" if c.group["amsgrad"] else "exp_avg_sq")
+        return self._adam_direction(c, c.state("exp_avg"), v, step, c.params)
+
     def _adam_directions(self, batch: StepBatch, step: torch.Tensor) -> list[torch.Tensor]:
-        """d of every tensor from the current m and v, in the compute dtype (torch ops)."""
-        out = []
-        for i, it in enumerate(batch.items):
-            st = it.state
-            v = st["max_exp_avg_sq"] if it.group["amsgrad"] else st["exp_avg_sq"]
-            out.append(self._adam_direction(it, st["exp_avg"], v, step[i], R.up(it.p, it.p)))
+        """d of every tensor from the current m and v, in the compute dtype (torch ops), in item order."""
+        out: list[torch.Tensor | None] = [None] * len(batch.items)
+        for c in R.chunks(batch):
+            for i, d in zip(c.positions, c.unpacked(self._stored_direction(c, step))):
+                out[i] = d
         return out
 
     def _ref_glyder_adam_stats(self, batch: StepBatch, step: torch.Tensor, probe, gnb) -> torch.Tensor:
         ok = batch.ok
-        rows = []
-        for i, it in enumerate(batch.items):
-            group = it.group
-            x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
+
+        def stats(c: R.Chunk) -> torch.Tensor:
+            group = c.group
+            x, g = c.params, c.grads
             if not self.decoupled and group["weight_decay"] != 0:
                 g = R.axpy(g, x, group["weight_decay"])
-            m, v = update_moments_(it.state, g, group, ok)
-            d = self._adam_direction(it, m, v, step[i], x)
-            a = R.up(probe[it.param], it.p) if probe is not None else g
-            gnb_dot = R.dot(gnb[it.param], d) if gnb is not None else torch.zeros((), dtype=torch.float64,
-                                                                                   device=d.device)
-            rows.append(torch.stack([R.dot(a, d), R.sumsq(d), gnb_dot, R.dot(g, d)]))
-        return torch.stack(rows)
+            m, v = update_moments_(c, g, ok)
+            d = self._adam_direction(c, m, v, step, x)
+            grad_dot = c.dot(g, d)
+            # ⟨a, d⟩: the probe half's gradient, or this one's ("batch": the same reduction)
+            a_dot = c.dot(c.load("probe", [probe[it.param] for it in c.items]), d) if probe is not None else grad_dot
+            gnb_dot = (c.dot(c.load("gnb", [gnb[it.param] for it in c.items]), d) if gnb is not None
+                       else torch.zeros(len(c), dtype=torch.float64, device=d.device))
+            return torch.stack([a_dot, c.sumsq(d), gnb_dot, grad_dot], dim=1)
+        return R.per_item(batch, stats)
 
     def _ref_glyder_adam_apply(self, batch: StepBatch, step: torch.Tensor, coef: torch.Tensor) -> None:
-        for i, (it, d) in enumerate(zip(batch.items, self._adam_directions(batch, step))):
-            x = R.up(it.p, it.p)
-            R.commit_(it.p, batch.rounded(it, R.axpy(x, d, -coef[i])), batch.ok)
+        for c in R.chunks(batch):
+            c.commit_params(R.axpy(c.params, self._stored_direction(c, step), -c.per_tensor(coef)), batch.ok)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -89,13 +89,6 @@ class StepBatch:
             return None
         return R.tensor_seed(self.sr_base, self.index(it.flat_index for it in self.items))
 
-    def rounded(self, it: Item, value: torch.Tensor) -> torch.Tensor:
-        """The reference backend's rounding of a new parameter value: stochastic to bf16 under
-        ``stochastic_rounding`` (the same bits as the fused kernels), else left to the store."""
-        if self.sr_base is None or it.p.dtype != torch.bfloat16:
-            return value
-        return R.stochastic_round_bf16(value, R.tensor_seed(self.sr_base, torch.tensor(it.flat_index)))
-
     @property
     def loss(self) -> torch.Tensor | None:
         """0-d fp64 (averaged over data-parallel ranks), or None when the caller gave no loss."""
@@ -165,7 +158,7 @@ class StepBatch:
         if self.fused:
             from lrfree.kernels import common
             return common.grad_sq(self)
-        return torch.stack([R.sumsq(it.g) for it in self.items])
+        return R.per_item(self, lambda c: c.sumsq(c.grads))
 
     @functools.cached_property
     def grad_sq(self) -> torch.Tensor:
@@ -188,12 +181,17 @@ class StepBatch:
         in which the reference packages accumulate), in one deterministic reduction when fused."""
         if self.fused:
             return values.sum() if start is None else start + values.sum()
+        if self.device.type == "cpu":  # as total(values.unbind(), start), in one op
+            first = torch.zeros((), dtype=torch.float64, device=self.device) if start is None else start
+            return _left_to_right(torch.cat([first.reshape(1).to(torch.float64), values]))
         return self.total(values.unbind(), start)
 
     def reduce_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(K,) column sums of an (items, K) matrix of per-tensor partials, in :meth:`reduce`'s order."""
         if self.fused:
             return rows.sum(0)
+        if self.device.type == "cpu" and len(rows):  # as total(rows.unbind(0)), in one op
+            return _left_to_right(torch.cat([rows.new_zeros((1, *rows.shape[1:])), rows]))
         return self.total(rows.unbind(0))
 
     def subset(self, keep: list[int]) -> "StepBatch":
@@ -223,9 +221,19 @@ class StepBatch:
         """``start`` plus the 0-d partials, in fp64, left to right: deterministic, and the order in
         which the reference implementations accumulate their per-tensor ``.item()`` values."""
         out = torch.zeros((), dtype=torch.float64, device=self.device) if start is None else start
+        values = list(values)
+        if self.device.type == "cpu" and values:
+            # one sequential cumsum is the same chain of fp64 additions as the loop below, without a
+            # dispatch per term (CPU cumsum accumulates left to right; a GPU scan would reassociate)
+            return _left_to_right(torch.stack([out.to(torch.float64), *values]))
         for v in values:
             out = out + v
         return out
+
+
+def _left_to_right(terms: torch.Tensor) -> torch.Tensor:
+    """terms[0] + terms[1] + ... (along dim 0) as the chain ((t0 + t1) + t2) + ..., on the CPU."""
+    return terms.cumsum(0)[-1] if len(terms) > 1 else terms[0]
 
 
 def _real_scalar(value: Any) -> bool:

@@ -49,7 +49,7 @@ _HOOK_REGISTRIES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "
                     "_optimizer_load_state_dict_post_hooks")
 
 # Caches keyed by host values or by tensor identity, rebuilt on first use: a copy starts them empty.
-_REBUILT_ON_USE = {"_vectors": dict, "_master_grads": dict}
+_REBUILT_ON_USE = {"_vectors": dict, "_master_grads": dict, "_chunk_layouts": dict}
 _DROPPED_ON_COPY = ("_launcher",)  # the compiled extension's launcher: re-created for the copy's device
 
 

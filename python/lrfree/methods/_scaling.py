@@ -16,6 +16,8 @@ plus decoupled weight decay λ x_t. With ``scaling="none"`` α ≡ 1 (the base S
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..backends import torch_ref as R
@@ -67,50 +69,65 @@ def init_scaling_state(opt, p, group, hp: dict | None = None) -> dict[str, torch
 
 
 class ScaledStep:
-    """The per-tensor quantities of one step under the Adam scaling rule (torch reference).
+    """The per-tensor quantities of one step under the Adam scaling rule (torch reference), for the
+    tensors of one chunk (``lrfree.backends.torch_ref.Chunk``).
 
-    ``alpha_sq`` is α_t² (new, including g_t); ``alpha_sq_prev`` is α_{t−1}² from the stored v (only
-    meaningful from the second step on); ``direction`` is u_t without weight decay. New moment values
-    are committed with :meth:`commit`.
+    ``alpha_sq`` is α_t² (new, including g_t); ``direction`` (formed on first use) is u_t without weight
+    decay; with ``scale_ratio``, ``scale_ratio`` is each tensor's max_j α_{t−1,j} / α_{t,j}
+    (:meth:`max_scale_ratio`). New moment values are committed with :meth:`commit`. A pass forms the
+    scaled step of one chunk at a time (the stats and apply passes form it again): keeping every chunk's
+    for the next pass would hold several parameter-sized buffers per step. Chains of ops on fresh
+    results run in place: the same values, without a new buffer per op.
     """
 
-    def __init__(self, hp: dict, state: dict, g: torch.Tensor, t: torch.Tensor):
-        beta1, beta2 = hp["betas"]
-        self.state, self.hp = state, hp
+    def __init__(self, hp: dict, chunk: R.Chunk, g: torch.Tensor, t: torch.Tensor, scale_ratio: bool = False):
+        beta2 = hp["betas"][1]
+        self.chunk, self.hp, self.g, self.t = chunk, hp, g, t
         self.new = {}
+        alpha_sq_prev = None  # α_{t−1}² from the stored v (only meaningful from the second step on)
         if hp["scaling"] == "adam":
             eps = hp["eps"]
-            v = state["exp_avg_sq"]
-            v_new = R.addcmul(v * beta2, g, g, 1 - beta2)
+            v = chunk.state("exp_avg_sq")
+            v_new = (v * beta2).addcmul_(g, g, value=1 - beta2)
             self.new["exp_avg_sq"] = v_new
             bc_new, bc_prev = 1 - beta2 ** t, 1 - beta2 ** (t - 1)
             if hp["amsgrad"]:
                 # the running max of the *bias-corrected* v̂, so α never decreases (the setting of the
                 # paper's convergence proof) and the max-scale-ratio is exactly 1
-                v_hat_prev = state["max_exp_avg_sq"]
-                v_hat = torch.maximum(v_hat_prev, v_new / bc_new)
+                v_hat_prev = chunk.state("max_exp_avg_sq")
+                v_hat = v_new / bc_new
+                torch.maximum(v_hat_prev, v_hat, out=v_hat)
                 self.new["max_exp_avg_sq"] = v_hat
-                self.alpha_sq = v_hat.sqrt() + eps
-                self.alpha_sq_prev = v_hat_prev.sqrt() + eps
+                self.alpha_sq = v_hat.sqrt().add_(eps)
+                if scale_ratio:
+                    alpha_sq_prev = v_hat_prev.sqrt().add_(eps)
             else:
-                self.alpha_sq = v_new.sqrt() / bc_new.sqrt() + eps
-                safe_bc_prev = torch.where(bc_prev > 0, bc_prev, torch.ones_like(bc_prev))
-                self.alpha_sq_prev = v.sqrt() / safe_bc_prev.sqrt() + eps
+                self.alpha_sq = v_new.sqrt().div_(bc_new.sqrt()).add_(eps)
+                if scale_ratio:
+                    safe_bc_prev = torch.where(bc_prev > 0, bc_prev, torch.ones_like(bc_prev))
+                    alpha_sq_prev = v.sqrt().div_(safe_bc_prev.sqrt()).add_(eps)
         else:
-            self.alpha_sq = self.alpha_sq_prev = torch.ones_like(g)
-        if beta1 > 0:
-            m_new = torch.lerp(state["exp_avg"], g, 1 - beta1)
-            self.new["exp_avg"] = m_new
-            self.direction = (m_new / (1 - beta1 ** t)) / self.alpha_sq
-        else:
-            self.direction = g / self.alpha_sq
+            self.alpha_sq = torch.ones_like(g)
+        if scale_ratio:
+            self.scale_ratio = self.max_scale_ratio(t, self.alpha_sq if alpha_sq_prev is None else alpha_sq_prev)
 
-    def max_scale_ratio(self, t: torch.Tensor) -> torch.Tensor:
-        """max_j α_{t−1,j} / α_{t,j} (1 at the first step, where α_{t−1} is undefined)."""
-        ratios = (self.alpha_sq_prev / self.alpha_sq).reshape(-1)
-        ratio = torch.cat([ratios, ratios.new_ones(1)]).max().sqrt().to(torch.float64)  # 1 for an empty tensor
+    @functools.cached_property
+    def direction(self) -> torch.Tensor:
+        beta1 = self.hp["betas"][0]
+        if beta1 > 0:
+            m_new = torch.lerp(self.chunk.state("exp_avg"), self.g, 1 - beta1)
+            self.new["exp_avg"] = m_new
+            return (m_new / (1 - beta1 ** self.t)).div_(self.alpha_sq)
+        return self.g / self.alpha_sq
+
+    def max_scale_ratio(self, t: torch.Tensor, alpha_sq_prev: torch.Tensor) -> torch.Tensor:
+        """max_j α_{t−1,j} / α_{t,j} of each tensor (1 at the first step, where α_{t−1} is undefined, and for a
+        tensor without elements): fp64, one per tensor of the chunk."""
+        ratios = alpha_sq_prev / self.alpha_sq
+        ratio = self.chunk.amax(ratios).clamp_min(1.0).sqrt().to(torch.float64)  # max(ratios ∪ {1})
         return torch.where(t > 1, ratio, torch.ones_like(ratio))
 
     def commit(self, ok: torch.Tensor) -> None:
+        self.direction  # m's new value is formed with the direction
         for key, value in self.new.items():
-            R.commit_(self.state[key], value, ok)
+            self.chunk.commit_state(key, value, ok)

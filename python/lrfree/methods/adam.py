@@ -26,19 +26,19 @@ def adam_bias_rule(t, lr, beta1, beta2):
     return lr / (1.0 - M.pow(beta1, t)), M.sqrt(1.0 - M.pow(beta2, t))
 
 
-def update_moments_(state: dict, g: torch.Tensor, group: dict,
-                    ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def update_moments_(chunk: R.Chunk, g: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²  (v̂max ← max(v̂max, v) with amsgrad), committed only if the
     step is accepted; returns (m, the v the step divides by). The reference of Adam's moments, shared
     with GLyDER's Adam direction."""
+    group = chunk.group
     beta1, beta2 = group["betas"]
-    m = torch.lerp(state["exp_avg"], g, 1 - beta1)
-    v = R.addcmul(state["exp_avg_sq"] * beta2, g, g, 1 - beta2)
-    R.commit_(state["exp_avg"], m, ok)
-    R.commit_(state["exp_avg_sq"], v, ok)
+    m = torch.lerp(chunk.state("exp_avg"), g, 1 - beta1)
+    v = R.addcmul(chunk.state("exp_avg_sq") * beta2, g, g, 1 - beta2)
+    chunk.commit_state("exp_avg", m, ok)
+    chunk.commit_state("exp_avg_sq", v, ok)
     if group["amsgrad"]:
-        v = torch.maximum(state["max_exp_avg_sq"], v)
-        R.commit_(state["max_exp_avg_sq"], v, ok)
+        v = torch.maximum(chunk.state("max_exp_avg_sq"), v)
+        chunk.commit_state("max_exp_avg_sq", v, ok)
     return m, v
 
 
@@ -92,14 +92,13 @@ class Adam(FusedOptimizer):
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
     def _ref_adam_step(self, batch: StepBatch, step: torch.Tensor) -> None:
+        """``step``: every tensor's own step count t (fp64, one per item)."""
         ok = batch.ok
-        for i, it in enumerate(batch.items):
-            group, st = it.group, it.state
+        for c in R.chunks(batch):
+            group = c.group
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
-            t = step[i]
-            x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
+            x, g = c.params, c.grads
             if group["maximize"]:
                 g = -g
             if wd != 0:
@@ -107,11 +106,11 @@ class Adam(FusedOptimizer):
                     x = x * (1 - lr * wd)
                 else:
                     g = R.axpy(g, x, wd)
-            m, v = update_moments_(st, g, group, ok)
-            bias_correction1 = 1 - beta1 ** t
-            bias_correction2_sqrt = (1 - beta2 ** t).sqrt()
-            denom = v.sqrt() / bias_correction2_sqrt + eps
-            R.commit_(it.p, batch.rounded(it, R.addcdiv(x, m, denom, -(lr / bias_correction1))), ok)
+            m, v = update_moments_(c, g, ok)
+            bias_correction1 = 1 - beta1 ** step
+            bias_correction2_sqrt = (1 - beta2 ** step).sqrt()
+            denom = v.sqrt() / c.per_tensor(bias_correction2_sqrt) + eps
+            c.commit_params(R.addcdiv(x, m, denom, -c.per_tensor(lr / bias_correction1)), ok)
 
 
 class AdamW(Adam):

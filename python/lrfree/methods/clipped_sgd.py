@@ -103,15 +103,14 @@ class ClippedSGD(FusedOptimizer):
 
     def _ref_clipped_apply(self, batch: StepBatch, clip: torch.Tensor) -> None:
         """``clip``: every tensor's κ (fp64, one per item)."""
-        for i, it in enumerate(batch.items):
-            group = it.group
-            x = R.up(it.p, it.p)
-            d = R.up(it.g, it.p) * clip[i]
+        for c in R.chunks(batch):
+            group = c.group
+            x = c.params
+            d = c.grads * c.per_tensor(clip)
             if group["weight_decay"] != 0:
                 d = R.axpy(d, x, group["weight_decay"])
             if group["momentum"] > 0:
-                buf = it.state["momentum_buffer"]
-                new_buf = group["momentum"] * buf + d
-                R.commit_(buf, new_buf, batch.ok)
+                new_buf = group["momentum"] * c.state("momentum_buffer") + d
+                c.commit_state("momentum_buffer", new_buf, batch.ok)
                 d = R.axpy(d, new_buf, group["momentum"]) if group["nesterov"] else new_buf
-            R.commit_(it.p, batch.rounded(it, R.axpy(x, d, -group["lr"])), batch.ok)
+            c.commit_params(R.axpy(x, d, -group["lr"]), batch.ok)

@@ -67,21 +67,19 @@ class COCOB(FusedOptimizer):
 
     def _ref_cocob_step(self, batch: StepBatch) -> None:
         ok = batch.ok
-        for it in batch.items:
-            st, group = it.state, it.group
-            x = R.up(it.p, it.p)
-            x0 = R.up(st["x0"], it.p)
-            g = R.up(it.g, it.p)
+        for c in R.chunks(batch):
+            group = c.group
+            x, x0, g = c.params, c.state("x0"), c.grads
             if group["weight_decay"] != 0:
                 g = R.axpy(g, x, group["weight_decay"])
             if group["lr"] != 1.0:
                 g = g * group["lr"]
-            L = torch.maximum(st["L"], g.abs())
-            theta = st["sum_negative_gradients"] - g
-            G = st["grad_norm_sum"] + g.abs()
-            reward = R.addcmul(st["reward"], g, x - x0, -1.0).clamp_min(0.0)
+            L = torch.maximum(c.state("L"), g.abs())
+            theta = c.state("sum_negative_gradients") - g
+            G = c.state("grad_norm_sum") + g.abs()
+            reward = R.addcmul(c.state("reward"), g, x - x0, -1.0).clamp_min(0.0)
             denom = torch.maximum(G + L, L * group["alpha"]) * L
             x_new = (reward + L) * theta / denom + x0
             for key, value in (("L", L), ("sum_negative_gradients", theta), ("grad_norm_sum", G), ("reward", reward)):
-                R.commit_(st[key], value, ok)
-            R.commit_(it.p, batch.rounded(it, x_new), ok)
+                c.commit_state(key, value, ok)
+            c.commit_params(x_new, ok)

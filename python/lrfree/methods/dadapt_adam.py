@@ -126,25 +126,26 @@ class DAdaptAdam(DAdaptBase):
         beta1, beta2 = hp["betas"]
         sqrt_beta2 = beta2 ** 0.5
         decouple = hp["decouple"]
-        rows = []
-        for it, c in zip(batch.items, ratios):
-            group, st = it.group, it.state
-            decay, r, eps = group["weight_decay"], group["layer_scale"] * c, group["eps"]
-            s, m, v = st["s"], st["exp_avg"], st["exp_avg_sq"]
-            x = R.up(it.p, it.p)
+
+        def step(chunk: R.Chunk) -> torch.Tensor:
+            group = chunk.group
             if group["lr"] <= 0:  # lr = 0: the group's step is 0 (no decay, no stale m either)
-                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
-                continue
-            g = R.up(it.g, it.p)
+                return torch.zeros(len(chunk), 2, dtype=torch.float64, device=batch.device)
+            c = ratios[chunk.positions[0]]  # a group's lr ratio: one for the whole chunk
+            decay, r, eps = group["weight_decay"], group["layer_scale"] * c, group["eps"]
+            s, m, v = chunk.state("s"), chunk.state("exp_avg"), chunk.state("exp_avg_sq")
+            x, g = chunk.params, chunk.grads
             if decay != 0 and not decouple:
                 g = R.axpy(g, x, decay)
-            dot = R.dot(g, s / (v.sqrt() + eps))
-            R.commit_(m, R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
-            R.commit_(v, R.addcmul(v * beta2, g, g, 1 - beta2), ok)
+            dot = chunk.dot(g, s / (v.sqrt() + eps))
+            chunk.commit_state("exp_avg", R.axpy(m * beta1, g, r * dlr * (1 - beta1)), ok)
+            chunk.commit_state("exp_avg_sq", R.addcmul(v * beta2, g, g, 1 - beta2), ok)
             s_next = R.axpy(s * sqrt_beta2, g, dlr * (1 - sqrt_beta2))
-            rows.append(torch.stack([dot, R.l1(s_next)]))
-            R.commit_(s, s_next, ok)
+            stats = torch.stack([dot, chunk.l1(s_next)], dim=1)
+            chunk.commit_state("s", s_next, ok)
             if decay != 0 and decouple:  # the decay step is part of the group's step: × c
                 x = R.axpy(x, x, -(decay * c) * dlr)
-            R.commit_(it.p, batch.rounded(it, x - m / (v.sqrt() + eps)), ok)
-        return torch.stack(rows)
+            # m and v as committed: a commit writes into the chunk's matrices, as commit_ into the state
+            chunk.commit_params(x - m / (v.sqrt() + eps), ok)
+            return stats
+        return R.per_item(batch, step)

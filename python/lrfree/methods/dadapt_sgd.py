@@ -137,20 +137,19 @@ class DAdaptSGD(DAdaptBase):
         """``steps``: every tensor's c λ (fp64, one per item)."""
         ok = batch.ok
         averaging = 1.0 - beta  # the reference's ck: x <- x (1 - ck) + ck z
-        rows = []
-        for i, it in enumerate(batch.items):
-            x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
+
+        def step(c: R.Chunk) -> torch.Tensor:
+            x, g = c.params, c.grads
             if decay != 0:
                 g = R.axpy(g, x, decay)
-            s = it.state["s"]
-            if it.group["lr"] > 0:
-                dot = R.dot(g, s)
-                s_next = R.axpy(s, g, steps[i])
-                rows.append(torch.stack([dot, R.sumsq(s_next)]))
-                R.commit_(s, s_next, ok)
+            if c.group["lr"] > 0:
+                s = c.state("s")
+                s_next = R.axpy(s, g, c.per_tensor(steps))
+                stats = torch.stack([c.dot(g, s), c.sumsq(s_next)], dim=1)
+                c.commit_state("s", s_next, ok)
             else:
-                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
-            z = R.up(it.state["x0"], it.p) - s
-            R.commit_(it.p, batch.rounded(it, R.axpy(x * (1.0 - averaging), z, averaging)), ok)
-        return torch.stack(rows)
+                stats = torch.zeros(len(c), 2, dtype=torch.float64, device=batch.device)
+            z = c.state("x0") - c.state("s")  # s as committed
+            c.commit_params(R.axpy(x * (1.0 - averaging), z, averaging), ok)
+            return stats
+        return R.per_item(batch, step)

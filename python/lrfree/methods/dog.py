@@ -211,12 +211,11 @@ class DoG(FusedOptimizer):
 
     # -- torch reference passes --------------------------------------------------------------------
     def _ref_dog_stats(self, batch: StepBatch, decay: torch.Tensor | None) -> torch.Tensor:
-        rows = []
-        for i, it in enumerate(batch.items):
-            x = R.up(it.p, it.p)
-            grad_sq = batch.local_grad_sq[i] if decay is None else R.sumsq(R.axpy(R.up(it.g, it.p), x, decay[i]))
-            rows.append(torch.stack([grad_sq, R.sumsq(x - R.up(it.state["x0"], it.p))]))
-        return torch.stack(rows)
+        def stats(c: R.Chunk) -> torch.Tensor:
+            x = c.params
+            g = c.grads if decay is None else R.axpy(c.grads, x, c.per_tensor(decay))
+            return torch.stack([c.sumsq(g), c.sumsq(x - c.state("x0"))], dim=1)
+        return R.per_item(batch, stats)
 
     def _ref_sgd_apply(self, batch, coef, decay=None) -> None:
         R.sgd_apply_(batch, coef, decay)

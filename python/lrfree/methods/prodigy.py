@@ -154,46 +154,45 @@ class Prodigy(DAdaptBase):
         hp = self.rule_group()
         beta1, beta2 = hp["betas"]
         beta3 = math.sqrt(beta2) if hp["beta3"] is None else hp["beta3"]
-        rows = []
-        for i, it in enumerate(batch.items):
-            group, st = it.group, it.state
+
+        def stats(c: R.Chunk) -> torch.Tensor:
+            group = c.group
             if group["lr"] <= 0:
-                rows.append(torch.zeros(2, dtype=torch.float64, device=batch.device))
-                continue
-            x = R.up(it.p, it.p)
-            g = self._coupled_gradient(it, x)
-            g_j = self._sliced(g, group)
-            dot = R.dot(g_j, R.up(st["p0"], it.p) - self._sliced(x, group))
+                return torch.zeros(len(c), 2, dtype=torch.float64, device=batch.device)
+            x = c.params
+            g = self._coupled_gradient(c, x)
+            sliced = c.every(group["slice_p"])  # the elements J, where p0 and s live (flattened)
+            g_j = sliced.take(g)
+            dot = sliced.dot(g_j, sliced.state("p0", flat=True) - sliced.take(x))
             if beta1 > 0:
-                m = st["exp_avg"]
-                R.commit_(m, R.axpy(m * beta1, g, d * (1 - beta1)), ok)
-            v = st["exp_avg_sq"]
-            R.commit_(v, R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
+                m = c.state("exp_avg")
+                c.commit_state("exp_avg", R.axpy(m * beta1, g, d * (1 - beta1)), ok)
+            v = c.state("exp_avg_sq")
+            c.commit_state("exp_avg_sq", R.addcmul(v * beta2, g, g, d * d * (1 - beta2)), ok)
             weight = d if group["safeguard_warmup"] else dlr
-            s_next = R.axpy(st["s"] * beta3, g_j, (d / group["d0"]) * weight * ratios[i])
-            rows.append(torch.stack([dot, R.l1(s_next)]))
-            R.commit_(st["s"], s_next, ok)
-        return torch.stack(rows)
+            s_next = R.axpy(sliced.state("s", flat=True) * beta3, g_j,
+                            sliced.per_tensor((d / group["d0"]) * weight * ratios))
+            out = torch.stack([dot, sliced.l1(s_next)], dim=1)
+            sliced.commit_state("s", s_next, ok, flat=True)
+            return out
+        return R.per_item(batch, stats)
 
     def _ref_prodigy_apply(self, batch: StepBatch, steps: torch.Tensor, d_new: torch.Tensor,
                            proceed: torch.Tensor) -> None:
         """``steps``: every tensor's c λ (fp64, one per item)."""
         hp = self.rule_group()
-        for i, it in enumerate(batch.items):
-            group, st = it.group, it.state
-            dlr = steps[i]
-            x = R.up(it.p, it.p)
-            g = self._coupled_gradient(it, x)
-            denom = st["exp_avg_sq"].sqrt() + d_new * group["eps"]
+        for c in R.chunks(batch):
+            group = c.group
+            x = c.params
+            denom = c.state("exp_avg_sq").sqrt() + d_new * group["eps"]
             if group["weight_decay"] != 0 and hp["decouple"]:
-                x = R.axpy(x, x, -group["weight_decay"] * dlr)
+                x = R.axpy(x, x, c.per_tensor(-group["weight_decay"] * steps))
             if hp["betas"][0] > 0:
-                x_new = R.addcdiv(x, st["exp_avg"], denom, -dlr)
+                x_new = R.addcdiv(x, c.state("exp_avg"), denom, -c.per_tensor(steps))
             else:
-                x_new = R.addcdiv(x, g, denom, -dlr * d_new)
-            R.commit_(it.p, batch.rounded(it, x_new), proceed)
+                x_new = R.addcdiv(x, self._coupled_gradient(c, c.params), denom, c.per_tensor(-steps * d_new))
+            c.commit_params(x_new, proceed)
 
-    def _coupled_gradient(self, it, x: torch.Tensor) -> torch.Tensor:
-        g = R.up(it.g, it.p)
-        decay = it.group["weight_decay"]
-        return R.axpy(g, x, decay) if decay != 0 and not self.rule_group()["decouple"] else g
+    def _coupled_gradient(self, c: R.Chunk, x: torch.Tensor) -> torch.Tensor:
+        decay = c.group["weight_decay"]
+        return R.axpy(c.grads, x, decay) if decay != 0 and not self.rule_group()["decouple"] else c.grads

@@ -193,42 +193,39 @@ class PSDASGD(DAdaptBase):
         return float(hp["d0"]), float(self._shared_lr()), float(hp["growth_rate"]), float(n_elements)
 
     # -- torch reference passes --------------------------------------------------------------------
-    def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
-        t = self.S["steps"] + 1
-        return [ScaledStep(self._group_hp(it.group), it.state, R.up(it.g, it.p), t) for it in batch.items]
+    def _scaled_step(self, c: R.Chunk, scale_ratio: bool = False) -> ScaledStep:
+        return ScaledStep(self._group_hp(c.group), c, c.grads, self.S["steps"] + 1, scale_ratio)
 
     def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started, ratios: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
-            g = R.up(it.g, it.p)
-            rows.append(torch.stack([(g * g / st.alpha_sq).to(torch.float64).sum(),
-                                     st.alpha_sq.to(torch.float64).sum()]) * ratios[i])
-        return torch.stack(rows)
+        def start(c: R.Chunk) -> torch.Tensor:
+            st, g = self._scaled_step(c), c.grads
+            return torch.stack([c.sum(g * g / st.alpha_sq), c.sum(st.alpha_sq)], dim=1) * \
+                ratios.index_select(0, c.index).unsqueeze(1)
+        return R.per_item(batch, start)
 
     def _ref_psdasgd_step(self, batch: StepBatch, coefficients, steps: torch.Tensor) -> torch.Tensor:
         """``steps``: every tensor's c λ (fp64, one per item)."""
         ok = batch.ok
-        t = self.S["steps"] + 1
-        rows = []
-        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
-            dlr = steps[i]
-            momentum = it.group["momentum"]
+
+        def step(c: R.Chunk) -> torch.Tensor:
+            st = self._scaled_step(c, scale_ratio=True)
+            dlr = c.per_tensor(steps)
+            momentum = c.group["momentum"]
             averaging = 1.0 - momentum
-            x = R.up(it.p, it.p)
-            g = R.up(it.g, it.p)
+            x, g = c.params, c.grads
             u = st.direction
-            if it.group["weight_decay"] != 0:
-                u = R.axpy(u, x, it.group["weight_decay"])
-            s = it.state["s"]
-            dot = R.dot(g, s)
+            if c.group["weight_decay"] != 0:
+                u = R.axpy(u, x, c.group["weight_decay"])
+            s = c.state("s")
             s_next = R.axpy(s, u, dlr)
-            rows.append(torch.stack([dot, (s_next * s_next * st.alpha_sq).to(torch.float64).sum(),
-                                     st.max_scale_ratio(t).square()]))
+            stats = torch.stack([c.dot(g, s), c.sum(s_next * s_next * st.alpha_sq),
+                                 st.scale_ratio.square()], dim=1)
             if momentum > 0:
-                x_next = R.axpy(x * (1.0 - averaging), R.up(it.state["x0"], it.p) - s_next, averaging)
+                x_next = R.axpy(x * (1.0 - averaging), c.state("x0") - s_next, averaging)
             else:
                 x_next = R.axpy(x, u, -dlr)
             st.commit(ok)
-            R.commit_(s, s_next, ok)
-            R.commit_(it.p, batch.rounded(it, x_next), ok)
-        return torch.stack(rows)
+            c.commit_state("s", s_next, ok)
+            c.commit_params(x_next, ok)
+            return stats
+        return R.per_item(batch, step)

@@ -141,19 +141,18 @@ class PSSPS(FusedOptimizer):
         S["steps"].add_(ok.to(torch.float64))
 
     # -- torch reference passes --------------------------------------------------------------------
-    def _scaled_steps(self, batch: StepBatch) -> list[ScaledStep]:
-        t = self.S["steps"] + 1
-        return [ScaledStep(self.param_groups[0], it.state, R.up(it.g, it.p), t) for it in batch.items]
+    def _scaled_step(self, c: R.Chunk) -> ScaledStep:
+        return ScaledStep(self.param_groups[0], c, c.grads, self.S["steps"] + 1)
 
     def _ref_pssps_stats(self, batch: StepBatch, coefficients) -> torch.Tensor:
-        return torch.stack([(R.up(it.g, it.p) ** 2 / st.alpha_sq).to(torch.float64).sum().reshape(1)
-                            for it, st in zip(batch.items, self._scaled_steps(batch))])
+        return R.per_item(batch, lambda c: c.sum(c.grads ** 2 / self._scaled_step(c).alpha_sq).unsqueeze(1))
 
     def _ref_pssps_apply(self, batch: StepBatch, coefficients, coef: torch.Tensor) -> None:
-        for i, (it, st) in enumerate(zip(batch.items, self._scaled_steps(batch))):
-            x = R.up(it.p, it.p)
+        for c in R.chunks(batch):
+            st = self._scaled_step(c)
+            x = c.params
             u = st.direction
-            if it.group["weight_decay"] != 0:
-                u = R.axpy(u, x, it.group["weight_decay"])
+            if c.group["weight_decay"] != 0:
+                u = R.axpy(u, x, c.group["weight_decay"])
             st.commit(batch.ok)
-            R.commit_(it.p, batch.rounded(it, R.axpy(x, u, -coef[i])), batch.ok)
+            c.commit_params(R.axpy(x, u, -c.per_tensor(coef)), batch.ok)
