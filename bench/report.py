@@ -471,7 +471,8 @@ step reads back (on a CPU run every read counts, including torch.optim's CPU ste
 no sync on a GPU). *Device ops* counts what one step issues to the device: kernel launches plus every
 torch op that does device work, 0-d scalar arithmetic included (`lrfree.device_ops`); on a GPU each is a
 launch of a few µs in series with the step, so at small and medium sizes it is what separates fused
-steps. The count is the same on a CPU as on a GPU (the Triton backend's is recorded in CI's smoke run).
+steps. The count is the same on a CPU as on a GPU: `test_device_ops` counts every contender, the Triton
+backend in its interpreter on a CPU.
 """.format(nm=NOT_MEASURED)
 
 
