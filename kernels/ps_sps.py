@@ -19,7 +19,7 @@ from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
-from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
+from .scalar_math import accept, column_total, commit, finish, fused, rule_kernel, scale_vector, step_inputs
 
 _RULE = fused(method.pssps_rule)
 
@@ -63,12 +63,7 @@ def _rule_kernel(scaled_sq, n, h, lr, coef, step_size, smooth_ref, scaled_grad_n
     commit(smooth_ref, ref, ok)
     commit(scaled_grad_norm, norm, ok)
     finish(ok, ok, ok_out, steps, skipped)
-    i0 = 0
-    while i0 < n:
-        idx = i0 + tl.arange(0, LANES)
-        inside = idx < n
-        tl.store(coef + idx, tl.load(lr + idx, mask=inside, other=0.0) * eta, mask=inside)
-        i0 += LANES
+    scale_vector(coef, lr, n, eta)
 
 
 @triton.jit

@@ -155,6 +155,17 @@ def finish(ok, taken, ok_out, steps, skipped):
     tl.store(steps, tl.load(steps) + tl.where(taken, 1.0, 0.0))
 
 
+@triton.jit
+def scale_vector(out, vector, n, value):
+    """out[i] = vector[i] · value for the n entries (every tensor's coefficient lr_i · η)."""
+    i0 = 0
+    while i0 < n:
+        idx = i0 + tl.arange(0, LANES)
+        inside = idx < n
+        tl.store(out + idx, tl.load(vector + idx, mask=inside, other=0.0) * value, mask=inside)
+        i0 += LANES
+
+
 def step_inputs(batch) -> dict:
     """The rule kernel arguments every method passes: the loss and GradScaler's found-inf flag (a
     stand-in pointer where absent), their flags, the output accept flag, and the two counters."""

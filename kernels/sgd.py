@@ -15,7 +15,7 @@ import triton.language as tl
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import dtype_groups, launch, ok_flag
-from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
+from .scalar_math import accept, column_total, commit, finish, fused, rule_kernel, scale_vector, step_inputs
 
 
 @rule_kernel
@@ -33,12 +33,7 @@ def _polyak_rule_kernel(grad_sq, n, h, lr, coef, flag_out, step_size, a, b, loss
     commit(b, b_new, ok)
     tl.store(flag_out, (ok & flag).to(tl.int32))
     finish(ok, ok, ok_out, steps, skipped)
-    i0 = 0
-    while i0 < n:
-        idx = i0 + tl.arange(0, LANES)
-        inside = idx < n
-        tl.store(coef + idx, tl.load(lr + idx, mask=inside, other=0.0) * step, mask=inside)
-        i0 += LANES
+    scale_vector(coef, lr, n, step)
 
 
 _FUSED_RULES: dict = {}
