@@ -346,8 +346,7 @@ class GLyDER(FusedOptimizer):
         return dict(zip(RULE_STATE, new))
 
     def _commit_rule(self, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
-        for name, value in new.items():
-            self._set(name, value, ok)
+        self._set_all(new, ok)
 
     def _probe_curvature(self, batch: StepBatch, origin: list[torch.Tensor], directions: list[torch.Tensor],
                          dir_sq: torch.Tensor, grad_dot: torch.Tensor) -> torch.Tensor:

@@ -432,6 +432,18 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         value = value.to(torch.float64) if isinstance(value, torch.Tensor) else torch.full_like(dst, value)
         dst.copy_(torch.where(ok, value, dst))
 
+    def _set_all(self, values: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+        """:meth:`_set` for several scalars at once: ``S[name] ← value`` for each, only if the step is
+        accepted, in four ops whatever their number (three per scalar one by one: on a CPU ~10 µs each)."""
+        if len(values) == 1:
+            (name, value), = values.items()
+            return self._set(name, value, ok)
+        dsts = [self.S[name] for name in values]
+        new = torch.cat([v.reshape(-1).to(torch.float64) for v in values.values()])
+        old = torch.cat([d.reshape(-1) for d in dsts])
+        kept = torch.where(ok, new, old).split([d.numel() for d in dsts])
+        torch._foreach_copy_(dsts, [k.view(d.shape) for k, d in zip(kept, dsts)])
+
     def _set_at(self, name: str, index: torch.Tensor, values: torch.Tensor, ok: torch.Tensor) -> None:
         """``store[name][index] = values`` (a per-group or per-tensor vector), only if the step is accepted."""
         dst = self._scalar_store[name]

@@ -198,16 +198,14 @@ class Layout:
         # the index, within its tensor, of each row's first element (stochastic rounding draws by it)
         row_start = (torch.arange(self.n_rows) - torch.tensor(first, dtype=torch.long)[row_tensor]) * WIDTH
         self.row_start = _to_device(row_start.reshape(-1, 1), device)
-        pads = [o + j for o, n, r in zip(self.offsets, numels, rows) for j in range(n, r * WIDTH)] if packed else []
-        self.pads = _to_device(torch.tensor(pads, dtype=torch.long), device)
         self._buffers: dict[tuple, tuple[torch.Tensor, dict]] = {}
         self.sliced: dict[int, Layout] = {}  # the layouts of Chunk.every
+        self._scratch: torch.Tensor | None = None
         self.take_index: torch.Tensor | None = None
         self._step: object = None
         self._loaded: dict[str, tuple[torch.Tensor, list[torch.Tensor] | None, bool]] = {}
         self._masks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._homes: dict[tuple[str, bool], tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._scratch: torch.Tensor | None = None
         # the rows where a tensor ends before the row does, and which of their elements are the tensor's
         partial = [(f + r - 1, n - (r - 1) * WIDTH) for f, n, r in zip(first, numels, rows) if packed and n % WIDTH]
         self.partial_rows = _to_device(torch.tensor([r for r, _ in partial], dtype=torch.long), device)
@@ -380,8 +378,11 @@ class Chunk:
         self.commit("params", [it.p for it in self.items], new, ok)
 
     # -- per-tensor fp64 reductions: (len(chunk),) vectors -------------------------------------------
-    # In fp32 (and bf16/fp16) a tensor's sum is a sum of row sums: fp64 all the way, in another order than
-    # one sum() over the tensor. fp64 parameters reduce tensor by tensor with the ops the reference
+    # In fp32 (and bf16/fp16) a tensor's sum is a sum of row sums, fp64 all the way, in another order than
+    # one sum() over the tensor. Products and squares are formed in fp64 too (exact for fp32 values, as
+    # dot() of fp64 copies): formed in fp32, as the fused kernels form them, they were half the time but
+    # put SPS's 20-step fp32 trajectory 2.6× further from the fp64 oracle than the fp32 reference package
+    # (the accuracy rule allows 2×). fp64 parameters reduce tensor by tensor with the ops the reference
     # packages use (torch.dot, sum()), which reproduces their per-tensor values bit for bit: the fp64 oracle
     # tests follow chaotic trajectories (Prodigy's d) for 200 steps at 1e-10, and a last-bit difference in
     # one tensor's ⟨g, p0 − x⟩ grew to 3.5e-9 there by step 49.
@@ -389,12 +390,12 @@ class Chunk:
         """Σ of each tensor's ``values``, accumulated in fp64 (``values.to(F64).sum()`` per tensor)."""
         if self.dtype == F64:
             return self._each(lambda v: v.sum(), values)
-        return self._sums(self._fp64(values))
+        return self._sums(values)
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
             return self._each(dot, a, b)
-        return self._sums(self._fp64(a).mul_(b))  # fp64 products: exact for fp32 values, as dot()
+        return self._sums(self._fp64(a).mul_(b))
 
     def sumsq(self, t: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
@@ -404,7 +405,7 @@ class Chunk:
     def l1(self, t: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
             return self._each(l1, t)
-        return self._sums(self._fp64(t).abs_())
+        return self._sums(t.abs())
 
     def _each(self, reduce: Callable[..., torch.Tensor], *matrices: torch.Tensor) -> torch.Tensor:
         if not self.items:
@@ -420,12 +421,19 @@ class Chunk:
             return values.to(F64, copy=True)
         return self.layout.scratch(values.device).copy_(values)
 
-    def _sums(self, fresh: torch.Tensor) -> torch.Tensor:
-        # ``fresh`` is a temporary: its padding (whatever the formula made of zeros) is zeroed in place
+    def _sums(self, values: torch.Tensor) -> torch.Tensor:
+        # each tensor's fp64 sum of a matrix of this chunk (``sum(dtype=F64)`` of fp32 values adds them in
+        # fp64, bit for bit as the sum of an fp64 copy, without the copy), its padding (whatever the formula
+        # made of the zeros there) left out: a row a tensor ends in before the row does is summed again over
+        # the tensor's elements only (at most one row per tensor)
+        rows = values.sum(1, dtype=F64)
         if not self.layout.packed:
-            return fresh.sum(1)
-        fresh.view(-1).index_fill_(0, self.layout.pads, 0.0)
-        return torch.segment_reduce(fresh.sum(1), "sum", lengths=self.layout.rows)
+            return rows
+        layout = self.layout
+        if len(layout.partial_rows):
+            tail = torch.where(layout.partial_mask, values.index_select(0, layout.partial_rows), 0.0)
+            rows.index_copy_(0, layout.partial_rows, tail.sum(1, dtype=F64))
+        return torch.segment_reduce(rows, "sum", lengths=layout.rows)
 
     def amax(self, values: torch.Tensor) -> torch.Tensor:
         """Each tensor's largest value (-inf for a tensor without elements)."""

@@ -68,8 +68,7 @@ class PolyakFamily(FusedOptimizer):
         grad_sq = self._stats(batch)  # first: under data parallelism its collective also averages the loss
         new = self._rule(batch.loss, grad_sq)
         flag = new.pop("flag")
-        for name, value in new.items():
-            self._set(name, value, batch.ok)
+        self._set_all(new, batch.ok)
         self._apply(batch, new["step_size"] * batch.per_item("lr"), batch.ok & flag)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 

@@ -97,8 +97,7 @@ class ClippedSGD(FusedOptimizer):
         # every tensor's κ: its group's
         clip = new["clip_coef"].index_select(0, batch.index(it.group_index for it in batch.items))
         self._pass("clipped_apply")(batch, clip)
-        for name, value in new.items():
-            self._set(name, value, batch.ok)
+        self._set_all(new, batch.ok)
         self.S["steps"].add_(batch.ok.to(torch.float64))
 
     def _ref_clipped_apply(self, batch: StepBatch, clip: torch.Tensor) -> None:

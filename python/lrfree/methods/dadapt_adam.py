@@ -115,8 +115,7 @@ class DAdaptAdam(DAdaptBase):
             S["d"], S["numerator"], batch.reduce(scale * dlr * stats[:, 0]), s_l1, hp["betas"][1] ** 0.5,
             hp["growth_rate"], lr > 0)
         proceed = ok & estimable
-        for name, value in dict(numerator=numerator, d_hat=d_hat, d=d_next, step_size=dlr).items():
-            self._set(name, value, proceed)
+        self._set_all(dict(numerator=numerator, d_hat=d_hat, d=d_next, step_size=dlr), proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
     def _ref_dadapt_adam_step(self, batch: StepBatch, dlr: torch.Tensor, ratios: list[float]) -> torch.Tensor:

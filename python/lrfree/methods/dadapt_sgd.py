@@ -129,8 +129,7 @@ class DAdaptSGD(DAdaptBase):
         # s = 0 everywhere (no gradient yet): nothing to estimate; x moved only toward x0 = x
         proceed = ok & estimable
         new = dict(numerator=numerator, d_hat=d_hat, d=d_next, step_size=dlr, g0_norm=g0_norm)
-        for name, value in new.items():
-            self._set(name, value, proceed)
+        self._set_all(new, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
     def _ref_dadapt_sgd_step(self, batch: StepBatch, steps: torch.Tensor, decay: float, beta: float) -> torch.Tensor:

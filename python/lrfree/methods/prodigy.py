@@ -143,8 +143,7 @@ class Prodigy(DAdaptBase):
         # pass B: the update (each tensor's step c λ), with the new d inside ε
         self._pass("prodigy_apply")(batch, dlr * ratios, d_next, proceed)
         new = dict(numerator=numerator, denominator=denominator, d_hat=d_hat, d_max=d_max, d=d_next, step_size=dlr)
-        for name, value in new.items():
-            self._set(name, value, proceed)
+        self._set_all(new, proceed)
         S["steps"].add_(proceed.to(torch.float64))
 
     def _ref_prodigy_stats(self, batch: StepBatch, d: torch.Tensor, dlr: torch.Tensor,

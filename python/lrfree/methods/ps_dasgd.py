@@ -156,14 +156,8 @@ class PSDASGD(DAdaptBase):
             return self._pass("psdasgd_rule_step")(batch, sub)
         if not sub.items:
             return
-        # per-tensor lr ratios c (methods/_dadapt.py: the network reparametrized by x = c·u, where the
-        # scaled gradient is √c g/α and α² becomes c α²)
-        ratios = self._lr_ratios(sub)
+        ratios, coefficients, start = self._start(sub)
         ratio_vec = sub.vector(ratios)
-        coefficients, started = scale_coefficients(sub, hp, S["steps"], S["g0_norm"])
-        # n_0 and rms(α_0) come from the first step with a non-zero gradient (fused: a small persistent
-        # launch that streams nothing after that, and gives the global sums as one (1, 2) row)
-        start = self._pass("psdasgd_start")(sub, coefficients, started, ratio_vec)
         n_elements = torch.full((), float(sum(it.p.numel() for it in sub.items)), dtype=torch.float64,
                                 device=batch.device)
         start, n_elements = sub.sync(start, n_elements)
@@ -180,10 +174,33 @@ class PSDASGD(DAdaptBase):
         numerator = sub.reduce(dlr * sums[:, 0], start=shrunk)
         d_hat, d_next, proceed = psdasgd_distance(numerator, weighted_sq, d, hp["growth_rate"], lr > 0)
         proceed = ok & proceed
-        for name, value in (("numerator", numerator), ("d_hat", d_hat), ("d", d_next), ("g0_norm", g0_norm),
-                            ("step_size", dlr), ("scale_ratio", ratio)):
-            self._set(name, value, proceed)
+        self._set_all(dict(numerator=numerator, d_hat=d_hat, d=d_next, g0_norm=g0_norm, step_size=dlr,
+                           scale_ratio=ratio), proceed)
         S["steps"].add_(proceed.to(torch.float64))
+
+    def _start(self, sub: StepBatch) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+        """(lr ratios c, scaling coefficients, start statistics) of the adapting tensors ``sub``: the start
+        pass, once per step."""
+        cached = sub.__dict__.get("_psdasgd_start")
+        if cached is None:
+            # per-tensor lr ratios c (methods/_dadapt.py: the network reparametrized by x = c·u, where the
+            # scaled gradient is √c g/α and α² becomes c α²)
+            ratios = self._lr_ratios(sub)
+            coefficients, started = scale_coefficients(sub, self.rule_group(), self.S["steps"], self.S["g0_norm"])
+            # n_0 and rms(α_0) come from the first step with a non-zero gradient (fused: a small persistent
+            # launch that streams nothing after that, and gives the global sums as one (1, 2) row; the
+            # reference computes them every step)
+            start = self._pass("psdasgd_start")(sub, coefficients, started, sub.vector(ratios))
+            cached = sub.__dict__["_psdasgd_start"] = (ratios, coefficients, start)
+        return cached
+
+    def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
+        # the reference's start pass reads every gradient each step, and Σ c ‖g/α‖² is non-finite whenever
+        # a gradient element is (or its square overflows the state's precision, as for PS-SPS): it doubles
+        # as the guard when it covers every tensor. The fused start pass stops reading after the first step.
+        if batch.fused or self.per_group_d or any(it.group["lr"] == 0 for it in batch.items):
+            return super()._finite_witness(batch)
+        return self._start(batch)[2][:, 0].sum()
 
     def _rule_hyperparameters(self, adapting: StepBatch) -> tuple[float, ...]:
         """The host values the rule kernels read (``lrfree.kernels.ps_dasgd``): (d0, γ, growth rate, the
@@ -194,7 +211,7 @@ class PSDASGD(DAdaptBase):
 
     # -- torch reference passes --------------------------------------------------------------------
     def _scaled_step(self, c: R.Chunk, scale_ratio: bool = False) -> ScaledStep:
-        return ScaledStep(self._group_hp(c.group), c, c.grads, self.S["steps"] + 1, scale_ratio)
+        return ScaledStep(self._group_hp(c.group), c, c.grads, self.S["steps"], scale_ratio)
 
     def _ref_psdasgd_start(self, batch: StepBatch, coefficients, started, ratios: torch.Tensor) -> torch.Tensor:
         def start(c: R.Chunk) -> torch.Tensor:

@@ -136,13 +136,12 @@ class PSSPS(FusedOptimizer):
         eta, ref, norm = pssps_rule(batch.loss, scaled_sq, S["smooth_ref"], batch.vector(h), smooth, capped)
         # apply pass: v, m and x updated
         self._pass("pssps_apply")(batch, coefficients, eta * batch.per_item("lr"))
-        for name, value in (("step_size", eta), ("smooth_ref", ref), ("scaled_grad_norm", norm)):
-            self._set(name, value, ok)
+        self._set_all(dict(step_size=eta, smooth_ref=ref, scaled_grad_norm=norm), ok)
         S["steps"].add_(ok.to(torch.float64))
 
     # -- torch reference passes --------------------------------------------------------------------
     def _scaled_step(self, c: R.Chunk) -> ScaledStep:
-        return ScaledStep(self.param_groups[0], c, c.grads, self.S["steps"] + 1)
+        return ScaledStep(self.param_groups[0], c, c.grads, self.S["steps"])
 
     def _ref_pssps_stats(self, batch: StepBatch, coefficients) -> torch.Tensor:
         return R.per_item(batch, lambda c: c.sum(c.grads ** 2 / self._scaled_step(c).alpha_sq).unsqueeze(1))
