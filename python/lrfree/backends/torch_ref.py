@@ -8,7 +8,8 @@ It is also what ``backend="auto"`` runs on a CPU, so it avoids per-tensor Python
 are cut into :class:`Chunk` s (one param group and one storage dtype each), and a method's pass runs its
 formulas once per chunk on (rows, width) matrices that hold every tensor of the chunk (see
 :class:`Chunk`). Element by element the ops are the per-tensor formulas, so the values are the same; only
-the order in which a tensor's fp64 reductions add up differs from a single ``sum()`` over it.
+the order in which a tensor's fp64 reductions add up differs from a single ``sum()`` over it (for fp64
+parameters not even that: they reduce tensor by tensor with the reference packages' own ops).
 """
 
 from __future__ import annotations
@@ -380,7 +381,10 @@ class Chunk:
         self.commit("state:" + key, [it.state[key] for it in self.items], new, ok, flat)
 
     def commit_params(self, new: torch.Tensor, ok: torch.Tensor) -> None:
-        """The parameters ← ``new``, rounded as the batch rounds them (:meth:`StepBatch.rounded`)."""
+        """The parameters ← ``new`` (committed as :meth:`commit`), rounded as the reference rounds a new
+        parameter value: stochastically to bf16 under ``stochastic_rounding`` (the bits the fused kernels
+        draw: each tensor's own seed, indexed by the element's position in it), else to nearest by the
+        store."""
         batch = self.batch
         if batch.sr_base is not None and self.items[0].p.dtype == torch.bfloat16:
             seeds = tensor_seed(batch.sr_base, batch.index(it.flat_index for it in self.items))
@@ -425,10 +429,10 @@ class Chunk:
         return torch.stack([reduce(*views) for views in zip(*(self.unpacked(m) for m in matrices))])
 
     def _fp64(self, values: torch.Tensor) -> torch.Tensor:
-        # an fp64 copy of ``values`` for the in-place ops of a reduction: in a packed chunk the layout's kept
-        # scratch matrix. Not allocating it matters: a 2 MB temporary freed each time is handed back to the
-        # OS by malloc and faults its pages in again at the next one (PS-DA-SGD: ~10k page faults per step,
-        # 60% of its time, before reductions used the scratch)
+        # an fp64 copy of ``values`` for the in-place ops of a reduction: in a packed chunk the kept scratch
+        # matrix. Not allocating it matters: 2 MB temporaries freed each time were handed back to the OS by
+        # malloc and their pages faulted in again at the next reduction (PS-DA-SGD: ~10k page faults per
+        # step, 60% of its time)
         if not self.layout.packed:
             return values.to(F64, copy=True)
         return self.layout.scratch().copy_(values)
