@@ -111,8 +111,8 @@ def sgd_apply_(batch, coef: torch.Tensor, decay: torch.Tensor | None = None,
 # formula where the arithmetic takes 0.03 ms, and torch's ``_foreach_*`` ops (on a CPU a C++ loop over the
 # same per-tensor kernels) still 0.15-0.35 ms. Copying the tensors into one buffer costs 0.1-0.14 ms (one
 # ``_foreach_copy_`` into views of it); after that each op of the formula costs 0.03-0.1 ms for all of
-# them together. The per-tensor reference loops took 3.9x (AdamW) to 14x (PS-DA-SGD) the time of
-# torch.optim.AdamW(foreach=True) on that model; chunks take 1.2x to 2.5x.
+# them together. On that model the per-tensor loops took 4.1x (AdamW) and 16x (PS-DA-SGD) the time of
+# torch.optim.AdamW(foreach=True); chunks take 1.3x and 2.3x.
 WIDTH = 64  # elements per row of a packed matrix: padding is < 64 elements per tensor
 # a tensor at least this large (and contiguous) is a chunk of its own, used in place: copying it would cost
 # more than the dispatch it saves, and a large model's big tensors are then never copied (a packed chunk
