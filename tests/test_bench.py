@@ -69,6 +69,21 @@ def test_smoke_run_and_report(tmp_path):
     assert rows[("gpt2-tiny-float32", "dadaptation.DAdaptAdam")]["host_syncs_per_step"] > 0
 
 
+def test_run_sets_the_interpreter_before_triton_is_imported():
+    """``bench/run.py`` imports lrfree, and with it Triton, before pytest loads the suite's conftest. On a
+    CPU, TRITON_INTERPRET must already be set then: Triton's own @jit helpers are interpreted only if it
+    was set when Triton was imported, and without them every interpreted kernel of the run failed."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU run's interpreter")
+    code = ("import sys, pytest; sys.path.insert(0, 'bench'); import run; sys.exit(pytest.main(['bench', '-q', "
+            "'-p', 'no:cacheprovider', '--bench-mode=smoke', '--benchmark-disable', '-k', "
+            "'test_device_ops and lrfree.SPS and triton']))")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LRFREE_CUDA_HOST")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def _bench(workload, contender, median, numel=10**6, method=None, family="lrfree", backend="triton", peak=0.0):
     method = method or contender.split(".")[-1].split("[")[0].split("(")[0]
     return {"stats": {"median": median}, "extra_info": {

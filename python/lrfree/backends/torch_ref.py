@@ -204,7 +204,6 @@ class Layout:
         self.row_start = _to_device(row_start.reshape(-1, 1), device)
         self._buffers: dict[tuple, tuple[torch.Tensor, dict]] = {}
         self.sliced: dict[int, Layout] = {}  # the layouts of Chunk.every
-        self._scratch: torch.Tensor | None = None
         self.take_index: torch.Tensor | None = None
         self._step: object = None
         self._loaded: dict[str, tuple[torch.Tensor, list[torch.Tensor] | None, bool]] = {}
