@@ -57,12 +57,12 @@ def test_per_tensor_reductions_match_one_reduction_per_tensor(reduction):
     even where the formula made NaN of it (0/0 there)."""
     batch, _ = make_batch()
     per_tensor = {"sum": lambda a, b: (a / a).to(torch.float64).sum() + a.to(torch.float64).sum(),
-                  "dot": lambda a, b: R.dot(a, b), "sumsq": lambda a, b: R.sumsq(a),
+                  "dot": lambda a, b: R.dot(a / a, b) + R.dot(a, b), "sumsq": lambda a, b: R.sumsq(a / a) + R.sumsq(a),
                   "l1": lambda a, b: R.l1(a),
                   "amax": lambda a, b: torch.cat([(-a.abs() - 1).reshape(-1), a.new_full((1,), -math.inf)]).max(),
                   }[reduction]
-    chunked = {"sum": lambda c, a, b: c.sum(a / a) + c.sum(a), "dot": lambda c, a, b: c.dot(a, b),
-               "sumsq": lambda c, a, b: c.sumsq(a), "l1": lambda c, a, b: c.l1(a),
+    chunked = {"sum": lambda c, a, b: c.sum(a / a) + c.sum(a), "dot": lambda c, a, b: c.dot(a / a, b) + c.dot(a, b),
+               "sumsq": lambda c, a, b: c.sumsq(a / a) + c.sumsq(a), "l1": lambda c, a, b: c.l1(a),
                "amax": lambda c, a, b: c.amax(-a.abs() - 1).to(torch.float64)}[reduction]  # padding: -1, above all
     got = R.per_item(batch, lambda c: chunked(c, c.grads, c.params))
     expected = torch.stack([per_tensor(R.up(it.g, it.p), R.up(it.p, it.p)).to(torch.float64) for it in batch.items])

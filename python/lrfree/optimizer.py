@@ -734,6 +734,20 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
             batch.found_inf = None if found_inf is None else found_inf.to(device=self.device)
             self._update(batch)
             return
+        layout = self._layout
+        if layout is None:  # single process: the accept flag at once, in as few ops as it takes
+            ok = None
+            if self.skip_nonfinite:
+                ok = torch.isfinite(self._finite_witness(batch))
+                if loss_t is not None:
+                    ok = ok & torch.isfinite(loss_t)
+            if found_inf is not None:
+                fine = found_inf.to(device=self.device) == 0
+                ok = fine if ok is None else ok & fine
+            batch.inputs.ok = torch.ones((), dtype=torch.bool, device=self.device) if ok is None else ok
+            self._update(batch)
+            self._scalar_store["skipped"].add_(batch.ok.logical_not())
+            return
         found_inf = None if found_inf is None else found_inf.to(device=self.device, dtype=torch.float64)
         # whether this rank rejects the step, and its loss; data parallel, they join the step's first collective
         rejects = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -742,8 +756,7 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         if found_inf is not None:
             rejects = rejects + (found_inf != 0).to(torch.float64)
         inputs = [rejects.reshape(1)] + ([loss_t.reshape(1)] if loss_t is not None else [])
-        layout = self._layout
-        if layout is not None and (layout.sharded or loss_t is not None):
+        if layout.sharded or loss_t is not None:
             batch.inputs.pending = inputs
         else:  # the other ranks (if any) decide the same from the same all-reduced gradients
             batch._finish_inputs(*inputs, world_size=1)

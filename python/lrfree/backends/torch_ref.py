@@ -195,6 +195,8 @@ class Layout:
         first = list(itertools.accumulate(rows, initial=0))[:-1]
         self.numels, self.offsets = numels, [r * WIDTH for r in first]
         self.n_rows = sum(rows)
+        pads = [o + j for o, n, r in zip(self.offsets, numels, rows) for j in range(n, r * WIDTH)] if packed else []
+        self.pads = _to_device(torch.tensor(pads, dtype=torch.long), device)  # where the padding is
         host_rows = torch.tensor(rows, dtype=torch.long)
         row_tensor = torch.repeat_interleave(torch.arange(len(rows)), host_rows)
         self.rows = _to_device(host_rows, device)  # rows per tensor: the segment lengths of row reductions
@@ -410,12 +412,12 @@ class Chunk:
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
             return self._each(dot, a, b)
-        return self._sums(self._fp64(a).mul_(b))
+        return self._sums(self._fp64(a).mul_(b), fresh=True)
 
     def sumsq(self, t: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
             return self._each(sumsq, t)
-        return self._sums(self._fp64(t).square_())
+        return self._sums(self._fp64(t).square_(), fresh=True)
 
     def l1(self, t: torch.Tensor) -> torch.Tensor:
         if self.dtype == F64:
@@ -436,16 +438,19 @@ class Chunk:
             return values.to(F64, copy=True)
         return self.layout.scratch().copy_(values)
 
-    def _sums(self, values: torch.Tensor) -> torch.Tensor:
+    def _sums(self, values: torch.Tensor, fresh: bool = False) -> torch.Tensor:
         # each tensor's fp64 sum of a matrix of this chunk (``sum(dtype=F64)`` of fp32 values adds them in
         # fp64, bit for bit as the sum of an fp64 copy, without the copy), its padding (whatever the formula
-        # made of the zeros there) left out: a row a tensor ends in before the row does is summed again over
-        # the tensor's elements only (at most one row per tensor)
-        rows = values.sum(1, dtype=F64)
+        # made of the zeros there) left out: zeroed in place in a ``fresh`` matrix (the reduction's own
+        # scratch: one op), else a row a tensor ends in before the row does is summed again over the
+        # tensor's elements only (at most one row per tensor; four small ops)
         if not self.layout.packed:
-            return rows
+            return values.sum(1, dtype=F64)
         layout = self.layout
-        if len(layout.partial_rows):
+        if fresh:
+            values.view(-1).index_fill_(0, layout.pads, 0.0)
+        rows = values.sum(1, dtype=F64)
+        if not fresh and len(layout.partial_rows):
             tail = torch.where(layout.partial_mask, values.index_select(0, layout.partial_rows), 0.0)
             rows.index_copy_(0, layout.partial_rows, tail.sum(1, dtype=F64))
         return torch.segment_reduce(rows, "sum", lengths=layout.rows)

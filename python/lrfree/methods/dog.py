@@ -165,12 +165,19 @@ class DoG(FusedOptimizer):
             dist_sq = torch.stack([batch.reduce(stats[a:b, 1]) for a, b in zip(bounds, bounds[1:])])
         if resting is not None:
             dist_sq = dist_sq + resting
-        seg_index = batch.index(segments)
+        # every segment steps (the usual case): the store's vectors as they are, without indexing
+        seg_index = None if segments == list(range(len(self.S["t"]))) else batch.index(segments)
         new = self._rule(seg_index, [batch.items[a].group for a in bounds[:-1]], grad_sq, dist_sq, batch)
-        for name, value in new.items():
-            self._set_at(name, seg_index, value, ok)
-        item_segment = batch.index(k for k, (a, b) in enumerate(zip(bounds, bounds[1:])) for _ in range(a, b))
-        self._pass("sgd_apply")(batch, new["eta"].index_select(0, item_segment), decay)
+        if seg_index is None:
+            self._set_all(new, ok)
+        else:
+            for name, value in new.items():
+                self._set_at(name, seg_index, value, ok)
+        eta = new["eta"]
+        if len(segments) != len(batch.items):  # each tensor's segment's step
+            eta = eta.index_select(0, batch.index(k for k, (a, b) in enumerate(zip(bounds, bounds[1:]))
+                                                  for _ in range(a, b)))
+        self._pass("sgd_apply")(batch, eta, decay)
         self.S["steps"].add_(ok.to(torch.float64))
 
     def _store_anchors(self, anchored: list[int], anchor_sq: torch.Tensor) -> None:
@@ -194,12 +201,12 @@ class DoG(FusedOptimizer):
                                         for p in params for x in (local_real(p),)) for params in resting])
 
     # -- the scalar rule on vectors of 0-d values (the torch backend, data-parallel steps) ----------------
-    def _rule(self, seg: torch.Tensor, groups: list[dict], grad_sq: torch.Tensor, dist_sq: torch.Tensor,
+    def _rule(self, seg: torch.Tensor | None, groups: list[dict], grad_sq: torch.Tensor, dist_sq: torch.Tensor,
               batch: StepBatch) -> dict[str, torch.Tensor]:
+        """The rule on the segments at ``seg`` (None: every segment, in order)."""
         S = self.S
-        t = S["t"].index_select(0, seg)
-        rbar, G, eta, t_new = dog_rule(t, S["rbar"].index_select(0, seg), S["G"].index_select(0, seg),
-                                       S["x0_norm"].index_select(0, seg), grad_sq, dist_sq,
+        pick = (lambda name: S[name]) if seg is None else (lambda name: S[name].index_select(0, seg))
+        rbar, G, eta, t_new = dog_rule(pick("t"), pick("rbar"), pick("G"), pick("x0_norm"), grad_sq, dist_sq,
                                        *(batch.vector(column) for column in zip(*self.segment_hyperparameters(groups))))
         return {"rbar": rbar, "G": G, "eta": eta, "t": t_new}
 
