@@ -87,7 +87,9 @@ class PSDASGD(DAdaptBase):
         lr: multiplier γ_t on the adapted step (1.0; schedule it with an lr_scheduler). Groups may differ:
             γ_t is the largest group lr and a group with lr = c·γ_t takes c times the shared step, with d
             estimated on the network reparametrized by x = c·u (module docstring); lr = 0 freezes a group.
-        momentum: D-Adapt SGD's primal-averaging momentum μ (0 by default; see module docstring; per group).
+        momentum: D-Adapt SGD's primal-averaging momentum μ (0 by default; per group). It needs β1 = 0:
+            the paper's "a momentum of 0.9" is already β1 = 0.9, the default, and the two together are
+            refused (they stacked to chance accuracy; module docstring).
         betas: (β1, β2): β1 is the momentum of the direction (an EMA of gradients, as in Adam), β2
             the decay of the second moment that defines the scale α.
         eps: ε in α² = √v̂ + ε.
@@ -120,6 +122,17 @@ class PSDASGD(DAdaptBase):
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
+
+    def _validate_hyperparameters(self, owner, index, group, first):
+        super()._validate_hyperparameters(owner, index, group, first)
+        beta1 = (group if self.per_group_d else first)["betas"][0]
+        if group["momentum"] > 0 and beta1 > 0:
+            raise ValueError(
+                f"{owner} param_groups[{index}]: momentum={group['momentum']} is D-Adapt SGD's primal averaging "
+                f"and betas[0]={beta1} is Adam's gradient EMA, which already is the paper's 'a momentum of "
+                "0.9' (the default). The two stack, and together trained a digits MLP to chance accuracy. "
+                "For the paper's method leave momentum at 0; for the averaging instead, pass "
+                "betas=(0.0, 0.999) with it (measured worse than the EMA: docs/RESULTS.md).")
 
     def _group_hp(self, group: dict) -> dict:
         """The hyperparameters a tensor of ``group`` steps with: the rule group's, with the group's own
