@@ -27,6 +27,16 @@ the displacement of x so the numerator does not change, n_0² = Σ c ‖g/α‖�
 
 "A momentum of 0.9" is read as Adam's β1 = 0.9 (the default), with no primal averaging: measured on
 a char-level transformer, the EMA reading trains much better than averaging (README has the numbers).
+``momentum`` is D-Adapt SGD's primal averaging and needs β1 = 0: the two together stacked to chance
+accuracy on a digits MLP, so they are refused with a message saying what to pass.
+
+The defaults (d0 = 1e-6, uncapped growth) were measured against safeguards (docs/RESULTS.md, "PS-DA-SGD's
+defaults"): d grows geometrically for ~30 steps, then d̂ turns negative (the iterate went past what the
+history points to) and d stays at the peak, which is the largest step that still made progress. On the
+char-GPT that step (8e-3) is where Adam's best lr is (1e-2); on the digits it is 1.5e-2 where Adam's best
+held-out loss is at 3e-4, so the predictions grow over-confident. Per-step growth caps (1.02–1.5), AMSGrad
+and larger d0 were measured as safeguards: a cap of 1.2 helps the digits (accuracy to Adam's) but costs the
+300-step char-GPT 10%, so the defaults stay.
 The update of step t does not use d_{t+1}, so a fused backend needs one pass per step (plus one extra
 pass at the first step for n_0 and rms(α_0)).
 
