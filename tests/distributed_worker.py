@@ -71,13 +71,15 @@ def _data():
 
 # per-group options of the second group: an lr ratio of the shared step (the D-Adaptation family's
 # reparametrized statistics must be global sums too) and the per-group hyperparameters of issue 16
+# (PS-DA-SGD's per-group averaging runs with the gradient EMA off, in both groups: betas are shared)
 GROUP1 = {"DAdaptSGD": {"lr": 0.5}, "DAdaptAdam": {"lr": 0.5}, "Prodigy": {"lr": 0.5},
-          "PSDASGD": {"lr": 0.5, "momentum": 0.5, "amsgrad": True}, "COCOB": {"lr": 0.5, "alpha": 20.0},
-          "ClippedSGD": {"max_norm": 0.3}}
+          "PSDASGD": {"lr": 0.5, "momentum": 0.5, "amsgrad": True, "betas": (0.0, 0.999)},
+          "COCOB": {"lr": 0.5, "alpha": 20.0}, "ClippedSGD": {"max_norm": 0.3}}
+GROUP0 = {"PSDASGD": {"betas": (0.0, 0.999)}}
 
 
 def _groups(model, method: str = "") -> list[dict]:
-    return [{"params": [model[0].weight, model[2].weight]},
+    return [{"params": [model[0].weight, model[2].weight], **GROUP0.get(method, {})},
             {"params": [model[0].bias, model[2].bias], **GROUP1.get(method, {})}]
 
 

@@ -62,8 +62,10 @@ OPTIMIZERS = [
     OptimizerInfo(lrfree.InexactPolyak, {"T": 100}, kernel_variants=({}, {"best_iterate": True})),
     OptimizerInfo(lrfree.PSSPS, kernel_variants=({}, {"betas": (0.9, 0.999)}, {"amsgrad": True},
                                                  {"scaling": "none"}, {"weight_decay": 0.1})),
-    OptimizerInfo(lrfree.PSDASGD, kernel_variants=({}, {"betas": (0.0, 0.999)}, {"amsgrad": True}, {"momentum": 0.9},
-                                                   {"scaling": "none"}, {"weight_decay": 0.1})),
+    # primal averaging (momentum) runs with β1 = 0: with the gradient EMA it is refused
+    OptimizerInfo(lrfree.PSDASGD, kernel_variants=({}, {"betas": (0.0, 0.999)}, {"amsgrad": True},
+                                                   {"momentum": 0.9, "betas": (0.0, 0.999)}, {"scaling": "none"},
+                                                   {"weight_decay": 0.1})),
     OptimizerInfo(lrfree.SPS),
     OptimizerInfo(lrfree.DecSPS),
     OptimizerInfo(lrfree.AdaSPS),

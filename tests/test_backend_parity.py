@@ -57,7 +57,9 @@ GROUP1 = {  # per-group options that exercise per-tensor coefficient vectors (lr
     "COCOB": {"weight_decay": 1e-2, "lr": 0.5, "alpha": 20.0, "eps": 1e-6},
     "Adam": {"weight_decay": 1e-2, "betas": (0.8, 0.99), "maximize": True, "amsgrad": False},
     "AdamW": {"weight_decay": 0.1, "lr": 3e-2},
-    "PSDASGD": {"weight_decay": 1e-2, "lr": 0.4, "momentum": 0.5, "amsgrad": True},
+    "PSDASGD": {"weight_decay": 1e-2, "lr": 0.4, "amsgrad": True},
+    # per-group averaging needs the EMA off (betas=(0.0, ...)): group 0 averages with 0.9, this one with 0.5
+    "PSDASGD-averaging-amsgrad": {"weight_decay": 1e-2, "lr": 0.4, "momentum": 0.5, "amsgrad": False},
     "PSSPS": {"weight_decay": 1e-2, "lr": 0.5},
 }
 FLOOR = {torch.float32: 4e-7, torch.bfloat16: 8e-3, torch.float64: 0.0}
@@ -81,7 +83,7 @@ def make(name, dtype, backend):
     # a tensor over several kernel blocks, with 16·k elements: its kernels take the 128-bit (ALIGNED) path,
     # while the awkward model's odd sizes take the scalar one
     params["wide"] = (torch.randn(3, 1376, generator=g, dtype=torch.float64) * 0.1).to(DEVICE, dtype).requires_grad_()
-    groups = param_groups({k: v for k, v in params.items() if k != "wide"}, GROUP1.get(name.split("-")[0]))
+    groups = param_groups({k: v for k, v in params.items() if k != "wide"}, GROUP1.get(name, GROUP1.get(name.split("-")[0])))
     groups[1]["params"].append(params["wide"])
     return params, FUSED[name](groups, backend=backend)
 

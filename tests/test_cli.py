@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lrfree import cli
+from lrfree.experiments.optimizers import CONTENDERS
 
 TINY_TRAIN = ["--steps", "4", "--width", "16", "--layers", "1", "--heads", "2", "--context", "16", "--batch", "4",
               "--no-progress"]
@@ -58,10 +60,12 @@ def test_reproduce_quartic(tmp_path):
 
 def test_reproduce_lrfree(tmp_path):
     out = tmp_path / "lrfree"
-    assert cli.main(["reproduce", "lrfree", "--tasks", "digits,chargpt", "--methods", "PSDASGD,SGD,Adam,GLyDER",
-                     "--seeds", "2", "--steps", "3", "--no-progress", "--out", str(out)]) == 0
+    assert cli.main(["reproduce", "lrfree", "--tasks", "digits,digits-cnn,chargpt", "--methods",
+                     "PSDASGD,PSDASGD-averaging,SGD,Adam,GLyDER", "--seeds", "2", "--steps", "3", "--no-progress",
+                     "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
-    assert "MLP on 8×8 digits" in table and "char-GPT" in table and "vs best-lr Adam" in table
+    assert "MLP on 8×8 digits" in table and "CNN on 8×8 digits" in table and "char-GPT" in table
+    assert "vs best-lr Adam" in table and "| PSDASGD-averaging | none |" in table
     record = json.loads((out / "results.json").read_text())
     rows = {r["method"]: r for r in record["digits"]["rows"]}
     assert rows["PSDASGD"]["lr"] is None and len(rows["PSDASGD"]["losses"]) == 2
@@ -73,6 +77,9 @@ def test_reproduce_lrfree(tmp_path):
         assert rows[name]["val_loss"][0] == min(sweep.values()) == sweep[f"{rows[name]['lr']:g}"]
     assert 0 <= rows["SGD"]["val_accuracy"][0] <= 1
     assert (out / "lrfree.png").stat().st_size > 0
+    # the paper's "momentum 0.9" as PS-DA-SGD's averaging: instead of the gradient EMA, not on top of it
+    group = CONTENDERS["PSDASGD-averaging"].build([torch.zeros(2, requires_grad=True)], 1).param_groups[0]
+    assert group["momentum"] == 0.9 and group["betas"] == (0.0, 0.999)
 
 
 @pytest.mark.parametrize("argv, message", [

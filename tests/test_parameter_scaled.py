@@ -40,6 +40,29 @@ def max_rel_err(a, b):
     return max(rel_err(a[k], b[k]) for k in a)
 
 
+def test_psdasgd_momentum_on_top_of_the_gradient_ema_is_refused_with_what_to_pass():
+    """The paper's "a momentum of 0.9" is β1 = 0.9, the default. A user who also passes ``momentum=0.9``
+    (D-Adapt SGD's primal averaging) would stack the two, which trained a digits MLP to chance accuracy: it
+    is refused, saying what to pass, for the constructor and for a param group added later (betas are the
+    optimizer's); each reading alone is accepted."""
+    params = make_params(torch.float64, 0)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: momentum=0.9 .* leave momentum at 0.*"
+                                         r"betas=\(0\.0, 0\.999\)"):
+        lrfree.PSDASGD(param_groups(params), momentum=0.9)
+    opt = lrfree.PSDASGD(param_groups(params))
+    extra = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"param_groups\[2\]: momentum=0.5"):
+        opt.add_param_group({"params": [extra], "momentum": 0.5})
+    assert len(opt.param_groups) == 2  # the refused group is not kept
+    averaging = lrfree.PSDASGD(param_groups(params), momentum=0.9, betas=(0.0, 0.999))
+    averaging.add_param_group({"params": [extra], "momentum": 0.5})
+    # per_group_d: each group is its own optimizer, with its own betas
+    lrfree.PSDASGD([{"params": [params["w1"]]}, {"params": [extra], "momentum": 0.5, "betas": (0.0, 0.999)}],
+                   per_group_d=True)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]"):
+        lrfree.PSDASGD([{"params": [params["w1"]]}, {"params": [extra], "momentum": 0.5}], per_group_d=True)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_psdasgd_with_unit_scale_is_dadapt_sgd(momentum):
     ours, _ = train(lambda g: lrfree.PSDASGD(g, momentum=momentum, betas=(0.0, 0.999), scaling="none"), 200)

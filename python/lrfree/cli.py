@@ -87,12 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     lrfree_ = which.add_parser("lrfree", help="learning-rate-free methods vs swept SGD and Adam",
                                formatter_class=_HelpFormatter)
-    lrfree_.add_argument("--tasks", default="digits,chargpt", help="comma-separated: digits, chargpt")
+    lrfree_.add_argument("--tasks", default="digits,chargpt", help="comma-separated: digits, digits-cnn, chargpt")
     from .experiments.paper_lrfree import DEFAULT_METHODS
     lrfree_.add_argument("--methods", default=DEFAULT_METHODS,
                          help=f"comma-separated, from: {', '.join(CONTENDERS)}; AdamW, Adam and SGD get an lr sweep")
     lrfree_.add_argument("--seeds", type=int, default=3, help="seeds per method (mean ± std)")
-    lrfree_.add_argument("--steps", type=int, default=None, help="steps per run (default: 500 digits, 300 chargpt)")
+    lrfree_.add_argument("--steps", type=int, default=None,
+                         help="steps per run (default: 500 digits and digits-cnn, 300 chargpt)")
     lrfree_.add_argument("--device", default="cpu", help="cpu or cuda")
     lrfree_.add_argument("--out", default="lrfree-results/lrfree", help="output folder")
     lrfree_.add_argument("--no-progress", action="store_true", help="no progress bars")

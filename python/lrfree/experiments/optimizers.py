@@ -33,6 +33,10 @@ def _free(cls, **kwargs):
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("PSDASGD", _free(lrfree.PSDASGD), ("step_size", "d")),
+    # the paper's "a momentum of 0.9" read as D-Adapt SGD's primal averaging (with β1 = 0), and the growth
+    # cap measured as the best safeguard on the digits (docs/RESULTS.md, "PS-DA-SGD's defaults")
+    Contender("PSDASGD-averaging", _free(lrfree.PSDASGD, momentum=0.9, betas=(0.0, 0.999)), ("step_size", "d")),
+    Contender("PSDASGD-capped", _free(lrfree.PSDASGD, growth_rate=1.2), ("step_size", "d")),
     Contender("PSSPS", _free(lrfree.PSSPS), ("step_size",)),
     Contender("InexactPolyak", lambda params, steps, lr: lrfree.InexactPolyak(params, T=steps), ("step_size",)),
     Contender("Prodigy", _free(lrfree.Prodigy), ("step_size", "d")),
