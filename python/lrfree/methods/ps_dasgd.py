@@ -37,6 +37,7 @@ char-GPT that step (8e-3) is where Adam's best lr is (1e-2); on the digits it is
 held-out loss is at 3e-4, so the predictions grow over-confident. Per-step growth caps (1.02–1.5), AMSGrad
 and larger d0 were measured as safeguards: a cap of 1.2 helps the digits (accuracy to Adam's) but costs the
 300-step char-GPT 10%, so the defaults stay.
+
 The update of step t does not use d_{t+1}, so a fused backend needs one pass per step (plus one extra
 pass at the first step for n_0 and rms(α_0)).
 
