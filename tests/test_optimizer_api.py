@@ -5,6 +5,7 @@ lr schedulers, low-precision parameters with fp32 state, determinism and ``scala
 """
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -234,6 +235,10 @@ def test_backend_selection(monkeypatch):
             lrfree.PSDASGD(p, backend="cuda")
     assert lrfree.PSDASGD(p, backend="auto").backend == ("triton" if torch.cuda.is_available() else "torch")
     assert lrfree.PSDASGD(p, backend="torch").backend == "torch"
+    # Triton decides at decoration time whether a @jit function is interpreted: the kernels the construction
+    # below imports (to see whether Triton works) must be imported under the interpreter first, or they stay
+    # compiled-mode functions and every later interpreted launch fails (test_no_host_sync did, run after this)
+    importlib.import_module("lrfree.kernels.multi_tensor")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="runs on CUDA tensors and the parameters are on cpu"):
         lrfree.PSDASGD(p, backend="triton")
