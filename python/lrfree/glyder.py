@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from . import validation as V
 from .backends import torch_ref as R
-from .methods.adam import Adam, AdamW, update_moments_
+from .methods.adam import Adam, AdamW, commit_moments_, new_moments
 from .optimizer import FusedOptimizer, StepBatch
 from .scalar_math import M
 
@@ -317,9 +317,22 @@ class GLyDER(FusedOptimizer):
         return (self.adam_direction and self.skip_nonfinite and self.curvature != "fd"
                 and self._backend in ("triton", "cuda"))
 
+    @property
+    def _reference_stats_guard(self) -> bool:
+        """The torch reference's counterpart of :attr:`_pass_a_guards`: its stats pass is the non-finite guard
+        (every column is non-finite when g, ĝ or a is: d is formed from the new m and v), and the apply pass
+        stores m and v once the step is decided. That saves the reference a Σg² pass over the gradients and
+        a norm of ĝ per tensor, for m and v held from one pass to the next: on GPT-2's layout on a CPU (148
+        tensors, 2 threads, both variants timed in turn in one process) 7.3 → 6.5 ms per step. Not for
+        curvature="fd", as above."""
+        return (self.adam_direction and self.skip_nonfinite and self.curvature != "fd"
+                and self._backend == "torch")
+
     def _finite_witness(self, batch: StepBatch) -> torch.Tensor:
         if self._pass_a_guards:
             return self._adam_stats(batch)[2][:, GRAD_SQ:].sum()
+        if self._reference_stats_guard:
+            return self._adam_stats(batch)[2].sum()
         # Σg² and the squared norms of the extra gradients (ĝ, the probe half's), one foreach op each
         extra = [torch.stack(torch._foreach_norm(list(buf.values()))).double().square().sum()
                  for buf in (self._gnb, self._probe) if buf]
@@ -452,14 +465,19 @@ class GLyDER(FusedOptimizer):
         return out
 
     def _ref_glyder_adam_stats(self, batch: StepBatch, step: torch.Tensor, probe, gnb) -> torch.Tensor:
-        ok = batch.ok
+        deferred = self._reference_stats_guard  # the step is decided from these statistics: store m, v later
+        ok = None if deferred else batch.ok
 
         def stats(c: R.Chunk) -> torch.Tensor:
             group = c.group
             x, g = c.params, c.grads
             if not self.decoupled and group["weight_decay"] != 0:
                 g = R.axpy(g, x, group["weight_decay"])
-            m, v = update_moments_(c, g, ok)
+            m, v, new = new_moments(c, g)
+            if deferred:
+                c.__dict__["_glyder_moments"] = new  # the chunk lives as long as the step's batch
+            else:
+                commit_moments_(c, new, ok)
             d = self._adam_direction(c, m, v, step, x)
             grad_dot = c.dot(g, d)
             # ⟨a, d⟩: the probe half's gradient, or this one's ("batch": the same reduction)
@@ -471,6 +489,9 @@ class GLyDER(FusedOptimizer):
 
     def _ref_glyder_adam_apply(self, batch: StepBatch, step: torch.Tensor, coef: torch.Tensor) -> None:
         for c in R.chunks(batch):
+            new = c.__dict__.pop("_glyder_moments", None)
+            if new is not None:  # the stats pass was the guard (_reference_stats_guard): m, v stored now
+                commit_moments_(c, new, batch.ok)
             c.commit_params(R.axpy(c.params, self._stored_direction(c, step), -c.per_tensor(coef)), batch.ok)
 
     # ------------------------------------------------------------------ checkpoints

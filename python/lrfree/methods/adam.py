@@ -26,19 +26,30 @@ def adam_bias_rule(t, lr, beta1, beta2):
     return lr / (1.0 - M.pow(beta1, t)), M.sqrt(1.0 - M.pow(beta2, t))
 
 
-def update_moments_(chunk: R.Chunk, g: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²  (v̂max ← max(v̂max, v) with amsgrad), committed only if the
-    step is accepted; returns (m, the v the step divides by). The reference of Adam's moments, shared
+def new_moments(chunk: R.Chunk, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²  (v̂max ← max(v̂max, v) with amsgrad), formed but not stored:
+    (m, the v the step divides by, the new state values by key). The reference of Adam's moments, shared
     with GLyDER's Adam direction."""
     group = chunk.group
     beta1, beta2 = group["betas"]
     m = torch.lerp(chunk.state("exp_avg"), g, 1 - beta1)
     v = R.addcmul(chunk.state("exp_avg_sq") * beta2, g, g, 1 - beta2)
-    chunk.commit_state("exp_avg", m, ok)
-    chunk.commit_state("exp_avg_sq", v, ok)
+    new = {"exp_avg": m, "exp_avg_sq": v}
     if group["amsgrad"]:
-        v = torch.maximum(chunk.state("max_exp_avg_sq"), v)
-        chunk.commit_state("max_exp_avg_sq", v, ok)
+        v = new["max_exp_avg_sq"] = torch.maximum(chunk.state("max_exp_avg_sq"), v)
+    return m, v, new
+
+
+def commit_moments_(chunk: R.Chunk, new: dict[str, torch.Tensor], ok: torch.Tensor) -> None:
+    """Store :func:`new_moments`' values, only if the step is accepted."""
+    for key, value in new.items():
+        chunk.commit_state(key, value, ok)
+
+
+def update_moments_(chunk: R.Chunk, g: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`new_moments`, committed only if the step is accepted; returns (m, the v the step divides by)."""
+    m, v, new = new_moments(chunk, g)
+    commit_moments_(chunk, new, ok)
     return m, v
 
 
