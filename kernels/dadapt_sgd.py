@@ -20,7 +20,7 @@ from lrfree.methods.dadapt_sgd import dadapt_sgd_step_size as _step_size_rule, d
 from .multi_tensor import program_elements, tensor_ptr
 from .rounding import rounding, to_param
 from .common import assemble, dtype_groups, grad_sq_until, launch, ok_flag, reduce_partials
-from .scalar_math import LANES, commit, fused, rule_kernel
+from .scalar_math import commit, fused, rule_kernel, scale_vector
 from ._dadapt import count_step, decide, decision_inputs, scaled_total
 
 STEP_SIZE = fused(_step_size_rule)
@@ -41,12 +41,7 @@ def _dadapt_sgd_step_size_kernel(grad_sq, n, weights, ratios, n_items, h, d, g0_
                         tl.load(h))
     tl.store(pending, dlr)
     tl.store(pending + 1, g0)
-    i0 = 0
-    while i0 < n_items:
-        idx = i0 + tl.arange(0, LANES)
-        inside = idx < n_items
-        tl.store(steps_out + idx, tl.load(ratios + idx, mask=inside, other=0.0) * dlr, mask=inside)
-        i0 += LANES
+    scale_vector(steps_out, ratios, n_items, dlr)  # every tensor's c λ
 
 
 @rule_kernel
