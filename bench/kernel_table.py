@@ -56,7 +56,8 @@ def render(compiled: dict) -> str:
     for lab, name, _, _ in scenarios():
         defaults.setdefault(name, lab)
     for method, lab in defaults.items():
-        for precision, param_bytes in (("fp32", 4), ("fp32-noguard", 4), ("bf16", 2)):
+        for precision, param_bytes, state_bytes in (("fp32", 4, 4), ("fp32-noguard", 4, 4), ("bf16", 2, 4),
+                                                     ("fp32-bf16state", 4, 2), ("fp32-bf16state-noguard", 4, 2)):
             entry = compiled["scenarios"].get(f"{lab}|{precision}")
             if entry is None:
                 continue
@@ -64,7 +65,7 @@ def render(compiled: dict) -> str:
             passes = [a for a in step if a.elements_per_thread and a.constexprs.get("ALIGNED") == "True"
                       and not a.persistent]
             nbytes = sum(a.bytes_per_element for a in passes)
-            minimal = roofline.minimal_bytes(method, param_bytes) if method in roofline.MINIMAL else "-"
+            minimal = roofline.minimal_bytes(method, param_bytes, state_bytes) if method in roofline.MINIMAL else "-"
             access = sorted({_access(a) for a in passes})
             lines.append(f"| {method} | {precision} | {len(passes)}: {' + '.join(a.name for a in passes)} | {nbytes} | "
                          f"{minimal} | {min((a.warps_per_sm for a in passes), default='-')} | {', '.join(access)} |")

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_MAX_EXP_AVG_SQ, rounding, to_param, to_state
 from .common import dtype_groups, launch, ok_flag
 from .scalar_math import LANES, accept, column_total, finish, fused, rule_kernel, step_inputs
 
@@ -38,29 +38,30 @@ def adam_moments(m, v, g, row, ACC: tl.constexpr):
 
 @triton.jit
 def _adam_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, ok,
-                 sr_seeds, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                 sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, DECOUPLED: tl.constexpr,
+                 AMSGRAD: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     # per tensor: (β1, 1−β1, β2, 1−β2, eps, wd, 1 − lr·wd, step size lr/bc1, √bc2, sign)
     row = table + 10 * t
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC) * tl.load(row + 9).to(ACC)
     if DECOUPLED:
         x = x * tl.load(row + 6).to(ACC)
     else:
         g = g + tl.load(row + 5).to(ACC) * x
-    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask), tl.load(v_ptr + offs, mask=mask), g, row, ACC)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask).to(ACC), tl.load(v_ptr + offs, mask=mask).to(ACC), g, row,
+                        ACC)
+    tl.store(m_ptr + offs, to_state(m, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=mask)
+    tl.store(v_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=mask)
     if AMSGRAD:
-        vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
-        tl.store(vmax_ptr + offs, v, mask=mask)
+        vmax_ptr = tensor_ptr(vmax_ptrs, t, S, ALIGNED)
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(ACC), v)
+        tl.store(vmax_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_MAX_EXP_AVG_SQ), mask=mask)
     denom = tl.sqrt(v) / tl.load(row + 8).to(ACC) + tl.load(row + 4).to(ACC)
     tl.store(x_ptr + offs, to_param(x - tl.load(row + 7).to(ACC) * (m / denom), X, SR, sr_seeds, t, offs), mask=mask)
 
@@ -143,7 +144,7 @@ def adam_step(opt, batch, step: torch.Tensor | None = None) -> None:
         rows = table if group.whole else table.index_select(0, group._indices())
         launch(_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, rows, ok_flag(batch), X=group.tl_dtype, ACC=group.acc, DECOUPLED=opt.decoupled,
-               AMSGRAD=group.variant, **group.tiling(warps=4), **rounding(batch, group))
+               AMSGRAD=group.variant, **group.tiling(warps=4), **rounding(batch, group, state=True))
 
 
 def _table(batch, step: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import rounding, salt, to_param, to_state
 from .common import dtype_groups, launch, ok_flag
 from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
 
@@ -67,10 +67,13 @@ def clip_rule(opt, batch) -> torch.Tensor:
     return clip
 
 
+_SALT_BUF = salt("momentum_buffer")
+
+
 @triton.jit
 def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_start, clip, lr, decay, momentum,
-                          nesterov, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, HAS_BUF: tl.constexpr,
-                          SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                          nesterov, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
+                          HAS_BUF: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
@@ -79,10 +82,10 @@ def _clipped_apply_kernel(x_ptrs, g_ptrs, buf_ptrs, numels, block_tensor, block_
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     d = g * tl.load(clip + t).to(ACC) + tl.load(decay + t).to(ACC) * x
     if HAS_BUF:
-        buf_ptr = tensor_ptr(buf_ptrs, t, ACC, ALIGNED)
+        buf_ptr = tensor_ptr(buf_ptrs, t, S, ALIGNED)
         mu = tl.load(momentum + t).to(ACC)
-        buf = mu * tl.load(buf_ptr + offs, mask=mask) + d
-        tl.store(buf_ptr + offs, buf, mask=mask)
+        buf = mu * tl.load(buf_ptr + offs, mask=mask).to(ACC) + d
+        tl.store(buf_ptr + offs, to_state(buf, S, sr_seeds, t, offs, _SALT_BUF), mask=mask)
         d = tl.where(tl.load(nesterov + t) != 0, d + mu * buf, buf)
     tl.store(x_ptr + offs, to_param(x - tl.load(lr + t).to(ACC) * d, X, SR, sr_seeds, t, offs), mask=mask)
 
@@ -101,4 +104,5 @@ def clipped_apply(opt, batch, clip: torch.Tensor) -> None:
         launch(_clipped_apply_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1),
                geo.slot(2) if group.variant else geo.slot(0), geo.numels, geo.block_tensor, geo.block_start, group.take(clip),
                group.take(lr), group.take(decay), group.take(momentum), group.take(nesterov), ok_flag(batch),
-               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, **group.tiling(warps=4), **rounding(batch, group))
+               X=group.tl_dtype, ACC=group.acc, HAS_BUF=group.variant, **group.tiling(warps=4),
+               **rounding(batch, group, state=True))

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import rounding, salt, to_param, to_state
 from .common import dtype_groups, launch, ok_flag
 from .scalar_math import accept, column_total, finish, rule_kernel, step_inputs
 
@@ -38,30 +38,35 @@ def cocob_accept(opt, batch) -> None:
            **step_inputs(batch))
 
 
+_SALT_THETA, _SALT_GSUM = salt("sum_negative_gradients"), salt("grad_norm_sum")
+_SALT_L, _SALT_R = salt("L"), salt("reward")
+
+
 @triton.jit
 def _cocob_kernel(x_ptrs, g_ptrs, theta_ptrs, gsum_ptrs, l_ptrs, r_ptrs, x0_ptrs, numels, block_tensor, block_start,
-                  decay_vec, coeffs, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  decay_vec, coeffs, ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
+                  SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    theta_ptr = tensor_ptr(theta_ptrs, t, ACC, ALIGNED)
-    gsum_ptr = tensor_ptr(gsum_ptrs, t, ACC, ALIGNED)
-    l_ptr = tensor_ptr(l_ptrs, t, ACC, ALIGNED)
-    r_ptr = tensor_ptr(r_ptrs, t, ACC, ALIGNED)
+    theta_ptr = tensor_ptr(theta_ptrs, t, S, ALIGNED)
+    gsum_ptr = tensor_ptr(gsum_ptrs, t, S, ALIGNED)
+    l_ptr = tensor_ptr(l_ptrs, t, S, ALIGNED)
+    r_ptr = tensor_ptr(r_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     x0 = tl.load(tensor_ptr(x0_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     g = (g + tl.load(decay_vec + t).to(ACC) * x) * tl.load(coeffs + 2 * t).to(ACC)
-    big_l = tl.maximum(tl.load(l_ptr + offs, mask=mask, other=1.0), tl.abs(g))
-    theta = tl.load(theta_ptr + offs, mask=mask) - g
-    gsum = tl.load(gsum_ptr + offs, mask=mask) + tl.abs(g)
-    reward = tl.maximum(tl.load(r_ptr + offs, mask=mask) - g * (x - x0), 0.0)
+    big_l = tl.maximum(tl.load(l_ptr + offs, mask=mask, other=1.0).to(ACC), tl.abs(g))
+    theta = tl.load(theta_ptr + offs, mask=mask).to(ACC) - g
+    gsum = tl.load(gsum_ptr + offs, mask=mask).to(ACC) + tl.abs(g)
+    reward = tl.maximum(tl.load(r_ptr + offs, mask=mask).to(ACC) - g * (x - x0), 0.0)
     denom = tl.maximum(gsum + big_l, big_l * tl.load(coeffs + 2 * t + 1).to(ACC)) * big_l
-    tl.store(l_ptr + offs, big_l, mask=mask)
-    tl.store(theta_ptr + offs, theta, mask=mask)
-    tl.store(gsum_ptr + offs, gsum, mask=mask)
-    tl.store(r_ptr + offs, reward, mask=mask)
+    tl.store(l_ptr + offs, to_state(big_l, S, sr_seeds, t, offs, _SALT_L), mask=mask)
+    tl.store(theta_ptr + offs, to_state(theta, S, sr_seeds, t, offs, _SALT_THETA), mask=mask)
+    tl.store(gsum_ptr + offs, to_state(gsum, S, sr_seeds, t, offs, _SALT_GSUM), mask=mask)
+    tl.store(r_ptr + offs, to_state(reward, S, sr_seeds, t, offs, _SALT_R), mask=mask)
     tl.store(x_ptr + offs, to_param((reward + big_l) * theta / denom + x0, X, SR, sr_seeds, t, offs), mask=mask)
 
 
@@ -74,4 +79,4 @@ def cocob_step(opt, batch) -> None:
         geo = group.geo
         launch(_cocob_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, group.take(decay), group.take(coeffs), ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
-               **group.tiling(warps=8), **rounding(batch, group))
+               **group.tiling(warps=8), **rounding(batch, group, state=True))

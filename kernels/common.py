@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lrfree import precision
+
 from .multi_tensor import (REDUCE_LANES, Geometry, TL_DTYPE, _segment_reduce_kernel, aligned, block_elements, geometry,
                            launch, per_tensor, program_elements, tensor_ptr)
 
@@ -67,6 +69,11 @@ class DtypeGroup:
     @property
     def acc(self):
         return acc_dtype(self.dtype)
+
+    @property
+    def state_tl(self):
+        """The dtype the group's per-element statistics are stored in (lrfree.precision)."""
+        return TL_DTYPE[precision.storage_dtype(precision.state_dtype_of(self.batch.optimizer), self.dtype)]
 
     def _indices(self) -> torch.Tensor:
         """The group's positions among the step's items, as a cached device index."""
@@ -209,7 +216,7 @@ def is_until_known(kernel) -> bool:
 
 
 def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, args: Callable, warps: int,
-                reduce: bool = True, **flags) -> torch.Tensor:
+                reduce: bool = True, group_flags: Callable | None = None, **flags) -> torch.Tensor:
     """(1, k) fp64: the sums over the batch's elements of a statistic needed only until the 0-d device
     flag ``known`` is true, and zeros once it is (the caller must then not use them). ``reduce=False``
     returns the programs' (P, k) rows instead, for a rule kernel that totals them itself (P ≤
@@ -218,8 +225,9 @@ def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, arg
     ``kernel`` is a persistent kernel ``kernel(*args(group), known, rows, n_blocks, programs, X, ACC,
     BLOCK, ALIGNED, **flags)`` whose program ``pid`` loops over blocks pid, pid + programs, ... below
     ``until_known_end(known, n_blocks)`` (``multi_tensor.block_elements``) and writes its k fp64 sums to row
-    ``pid`` of ``rows``; ``slots(item)`` lists the tensors it streams (the dtype groups). Every dtype group writes its
-    own rows of one buffer, and one reduction adds them all in a fixed order."""
+    ``pid`` of ``rows``; ``slots(item)`` lists the tensors it streams (the dtype groups), ``group_flags(group)``
+    (optional) the compile-time flags that depend on the dtype group. Every dtype group writes its own rows of
+    one buffer, and one reduction adds them all in a fixed order."""
     flag = known.to(torch.int32)
     groups = dtype_groups(batch, slots)
     programs = [persistent_programs(group.geo) for group in groups]
@@ -228,7 +236,8 @@ def until_known(batch, known: torch.Tensor, kernel, k: int, slots: Callable, arg
     offset = 0
     for group, n in zip(groups, programs):
         launch(kernel, (n,), *args(group), flag, rows[offset:offset + n], group.geo.n_blocks, n,
-               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=warps), **flags)
+               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=warps), **flags,
+               **(group_flags(group) if group_flags else {}))
         offset += n
     if not reduce:
         return rows

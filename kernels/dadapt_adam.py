@@ -21,7 +21,7 @@ from lrfree.methods._dadapt import adam_step_size as _step_size_rule
 from lrfree.methods.dadapt_adam import dadapt_adam_rule as _rule
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_S, rounding, to_param, to_state
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scalar_math import commit, fused, rule_kernel
 from ._dadapt import count_step, decide, decision_inputs, scaled_total
@@ -86,7 +86,8 @@ def _hyperparameters(opt, batch, lr: float) -> torch.Tensor:
 @triton.jit
 def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, eps_vec,
                         decay_vec, scale_vec, adapting, dlr_ptr, ok, partials, coeffs, sr_seeds, X: tl.constexpr,
-                        ACC: tl.constexpr, DECOUPLE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                        ACC: tl.constexpr, S: tl.constexpr, DECOUPLE: tl.constexpr, SR: tl.constexpr,
+                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     # (β1, 1−β1, β2, 1−β2, √β2, 1−√β2): the complements come from the host in fp64, since 1 − β2
@@ -101,25 +102,25 @@ def _dadapt_adam_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_te
     decay = tl.load(decay_vec + t).to(ACC)
     dlr = tl.load(dlr_ptr).to(ACC)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
     if tl.load(adapting + t) != 0:
-        s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
+        s_ptr = tensor_ptr(s_ptrs, t, S, ALIGNED)
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if not DECOUPLE:
             g = g + decay * x
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
         tl.store(partials + 2 * pid, tl.sum(g * (s / (tl.sqrt(v) + eps)), axis=0))
         m = beta1 * m + (tl.load(scale_vec + t).to(ACC) * dlr * one_minus_beta1) * g
         v = beta2 * v + one_minus_beta2 * g * g
         s = sqrt_beta2 * s + (dlr * one_minus_sqrt_beta2) * g
         tl.store(partials + 2 * pid + 1, tl.sum(tl.abs(s), axis=0))
-        tl.store(m_ptr + offs, m, mask=mask & accept)
-        tl.store(v_ptr + offs, v, mask=mask & accept)
-        tl.store(s_ptr + offs, s, mask=mask & accept)
+        tl.store(m_ptr + offs, to_state(m, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=mask & accept)
+        tl.store(v_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=mask & accept)
+        tl.store(s_ptr + offs, to_state(s, S, sr_seeds, t, offs, SALT_S), mask=mask & accept)
         if DECOUPLE:
             x = x - decay * dlr * x  # decay = c·wd: the decay step is part of the group's step
         tl.store(x_ptr + offs, to_param(x - m / (tl.sqrt(v) + eps), X, SR, sr_seeds, t, offs), mask=mask & accept)
@@ -146,6 +147,6 @@ def dadapt_adam_step(opt, batch, dlr: torch.Tensor, ratios: list[float]) -> torc
         launch(_dadapt_adam_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(eps), group.take(decay), group.take(scale),
                group.take(adapting), dlr, ok_flag(batch), partials, coeffs, X=group.tl_dtype, ACC=group.acc,
-               DECOUPLE=hp["decouple"], **group.tiling(warps=8), **rounding(batch, group))
+               DECOUPLE=hp["decouple"], **group.tiling(warps=8), **rounding(batch, group, state=True))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

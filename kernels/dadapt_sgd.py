@@ -18,7 +18,7 @@ import triton.language as tl
 from lrfree.methods.dadapt_sgd import dadapt_sgd_step_size as _step_size_rule, distance_rule as _distance_rule
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_S, rounding, to_param, to_state
 from .common import assemble, dtype_groups, grad_sq_until, launch, ok_flag, reduce_partials
 from .scalar_math import commit, fused, rule_kernel, scale_vector
 from ._dadapt import count_step, decide, decision_inputs, scaled_total
@@ -105,24 +105,25 @@ def _hyperparameters(opt, batch, lr: float) -> torch.Tensor:
 
 @triton.jit
 def _dadapt_sgd_kernel(x_ptrs, g_ptrs, s_ptrs, x0_ptrs, numels, block_tensor, block_start, adapting, dlr, ok,
-                       partials, coeffs, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                       partials, coeffs, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
+                       SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     # the accept flag as a block mask (stores of a rejected step are masked off)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
+    s_ptr = tensor_ptr(s_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     decay = tl.load(coeffs).to(ACC)
     beta = tl.load(coeffs + 1).to(ACC)
     averaging = tl.load(coeffs + 2).to(ACC)  # 1 − β, formed in fp64 on the host
     g = g + decay * x
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
     if tl.load(adapting + t) != 0:
         tl.store(partials + 2 * pid, tl.sum(g * s, axis=0))
         s = s + tl.load(dlr + t).to(ACC) * g
         tl.store(partials + 2 * pid + 1, tl.sum(s * s, axis=0))
-        tl.store(s_ptr + offs, s, mask=mask & accept)
+        tl.store(s_ptr + offs, to_state(s, S, sr_seeds, t, offs, SALT_S), mask=mask & accept)
     else:
         tl.store(partials + 2 * pid, 0.0)
         tl.store(partials + 2 * pid + 1, 0.0)
@@ -140,6 +141,6 @@ def dadapt_sgd_step(opt, batch, steps: torch.Tensor, decay: float, beta: float) 
         launch(_dadapt_sgd_kernel, (geo.n_blocks,), geo.slot(0), geo.slot(1), geo.slot(2), geo.slot(3), geo.numels,
                geo.block_tensor, geo.block_start, group.take(adapting), group.take(steps), ok_flag(batch), partials,
                batch.vector((decay, beta, 1.0 - beta)),
-               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **rounding(batch, group))
+               X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **rounding(batch, group, state=True))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)

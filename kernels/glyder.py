@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .adam import adam_moments
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_MAX_EXP_AVG_SQ, rounding, to_param, to_state
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scalar_math import LANES, accept, column_total, commit, finish, fused, rule_kernel, step_inputs
 
@@ -53,8 +53,8 @@ def _direction(m, v, x, row, ACC: tl.constexpr, DECOUPLED: tl.constexpr):
 
 @triton.jit
 def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, numels, block_tensor, block_start,
-                  table, ok, partials, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr,
-                  AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, HAS_DECAY: tl.constexpr,
+                  table, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
+                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, HAS_DECAY: tl.constexpr,
                   GUARD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Partials per block: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩, and under GUARD Σg², Σĝ², Σa² (columns K = 7; else K
     = 4 and m, v are stored where the step is accepted)."""
@@ -64,8 +64,8 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
         out = partials + 7 * pid
     else:
         out = partials + 4 * pid
-    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
     if GUARD:  # the gradient as given: the guard's Σg²
         tl.store(out + 4, tl.sum(g * g, axis=0))
@@ -74,17 +74,17 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
         x = tl.load(tensor_ptr(x_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if not DECOUPLED:
             g = g + tl.load(row + 5).to(ACC) * x
-    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask, other=0.0), tl.load(v_ptr + offs, mask=mask, other=0.0),
-                        g, row, ACC)
+    m, v = adam_moments(tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC),
+                        tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC), g, row, ACC)
     if not GUARD:
         accept = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
-        tl.store(m_ptr + offs, m, mask=accept)
-        tl.store(v_ptr + offs, v, mask=accept)
+        tl.store(m_ptr + offs, to_state(m, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=accept)
+        tl.store(v_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=accept)
     if AMSGRAD:
-        vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
-        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0), v)
+        vmax_ptr = tensor_ptr(vmax_ptrs, t, S, ALIGNED)
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(ACC), v)
         if not GUARD:
-            tl.store(vmax_ptr + offs, v, mask=accept)
+            tl.store(vmax_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_MAX_EXP_AVG_SQ), mask=accept)
     d = tl.where(mask, _direction(m, v, x, row, ACC, DECOUPLED and HAS_DECAY), 0.0)
     a = g
     if HAS_PROBE:
@@ -109,37 +109,46 @@ def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, n
 
 @triton.jit
 def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, table, coef, ok,
-                  sr_seeds, X: tl.constexpr, ACC: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  HAS_DECAY: tl.constexpr, MOMENTS: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
-                  ALIGNED: tl.constexpr):
+                  sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, DECOUPLED: tl.constexpr,
+                  AMSGRAD: tl.constexpr, HAS_DECAY: tl.constexpr, MOMENTS: tl.constexpr, SR: tl.constexpr,
+                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """x ← x − c·d; under MOMENTS (pass A committed nothing) m and v are formed from g here, as pass A formed
-    them, and stored; else they are read as pass A stored them."""
+    them, and stored; else they are read as pass A stored them. Either way d is formed from m and v as
+    stored (rounded, in bf16 state), as the reference forms it from the state it committed."""
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     row = table + 8 * t
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
-    vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
+    vmax_ptr = tensor_ptr(vmax_ptrs, t, S, ALIGNED)
     if MOMENTS and HAS_DECAY and not DECOUPLED:  # coupled weight decay: x enters the moments
         x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     if MOMENTS:
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
         if HAS_DECAY and not DECOUPLED:
             g = g + tl.load(row + 5).to(ACC) * x
-        m, v = adam_moments(tl.load(m_ptr + offs, mask=mask), tl.load(v_ptr + offs, mask=mask), g, row, ACC)
+        m, v = adam_moments(tl.load(m_ptr + offs, mask=mask).to(ACC), tl.load(v_ptr + offs, mask=mask).to(ACC), g,
+                            row, ACC)
+        m = to_state(m, S, sr_seeds, t, offs, SALT_EXP_AVG)
         tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        m = m.to(ACC)
         if AMSGRAD:
-            v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
+            tl.store(v_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=mask)
+            v = to_state(tl.maximum(tl.load(vmax_ptr + offs, mask=mask).to(ACC), v), S, sr_seeds, t, offs,
+                         SALT_MAX_EXP_AVG_SQ)
             tl.store(vmax_ptr + offs, v, mask=mask)
-    else:
-        m = tl.load(m_ptr + offs, mask=mask)
-        if AMSGRAD:
-            v = tl.load(vmax_ptr + offs, mask=mask)
         else:
-            v = tl.load(v_ptr + offs, mask=mask)
+            v = to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ)
+            tl.store(v_ptr + offs, v, mask=mask)
+        v = v.to(ACC)
+    else:
+        m = tl.load(m_ptr + offs, mask=mask).to(ACC)
+        if AMSGRAD:
+            v = tl.load(vmax_ptr + offs, mask=mask).to(ACC)
+        else:
+            v = tl.load(v_ptr + offs, mask=mask).to(ACC)
     if not (MOMENTS and HAS_DECAY and not DECOUPLED):  # x loaded late: fewer registers live across the moments
         x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     d = _direction(m, v, x, row, ACC, DECOUPLED)
@@ -233,7 +242,8 @@ def glyder_adam_stats(opt, batch, step, probe: dict | None, gnb: dict | None) ->
         launch(_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, rows, partials if guard else _commit_flag(batch), partials, X=group.tl_dtype,
                ACC=group.acc, DECOUPLED=opt.decoupled, AMSGRAD=group.variant, HAS_PROBE=probe is not None,
-               HAS_GNB=gnb is not None, HAS_DECAY=_has_decay(group), GUARD=guard, **group.tiling(warps=4))
+               HAS_GNB=gnb is not None, HAS_DECAY=_has_decay(group), GUARD=guard, **group.tiling(warps=4),
+               **rounding(batch, group, params=False, state=True))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 
@@ -249,7 +259,7 @@ def glyder_adam_apply(opt, batch, step, coef: torch.Tensor) -> None:
         launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, rows, group.take(coef), ok_flag(batch), X=group.tl_dtype, ACC=group.acc,
                DECOUPLED=opt.decoupled, AMSGRAD=group.variant, HAS_DECAY=_has_decay(group), MOMENTS=moments,
-               **group.tiling(warps=8 if moments else 4), **rounding(batch, group))
+               **group.tiling(warps=8 if moments else 4), **rounding(batch, group, state=True))
 
 
 @rule_kernel

@@ -24,7 +24,7 @@ from lrfree.methods._dadapt import adam_step_size as _step_size_rule
 from lrfree.methods.prodigy import prodigy_rule as _rule
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_S, rounding, to_param, to_state
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scalar_math import LANES, column_total, commit, fused, rule_kernel
 from ._dadapt import count_step, decide, decision_inputs
@@ -139,8 +139,8 @@ def _hyperparameters(opt, batch, lr: float) -> torch.Tensor:
 
 @triton.jit
 def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start,
-                          slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, X: tl.constexpr,
-                          ACC: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, SLICED: tl.constexpr,
+                          slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, sr_seeds, X: tl.constexpr,
+                          ACC: tl.constexpr, S: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, SLICED: tl.constexpr,
                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0
@@ -150,12 +150,14 @@ def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numel
         g = g + tl.load(decay_vec + t).to(ACC) * x
     # (β1, d(1−β1), β2, d²(1−β2), β3): d-dependent coefficients are formed on device in fp64
     if HAS_M:
-        m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-        m = tl.load(coeffs).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 1).to(ACC) * g
-        tl.store(m_ptr + offs, m, mask=mask & accept)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
-    v = tl.load(coeffs + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0) + tl.load(coeffs + 3).to(ACC) * g * g
-    tl.store(v_ptr + offs, v, mask=mask & accept)
+        m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+        m = (tl.load(coeffs).to(ACC) * tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
+             + tl.load(coeffs + 1).to(ACC) * g)
+        tl.store(m_ptr + offs, to_state(m, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=mask & accept)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
+    v = (tl.load(coeffs + 2).to(ACC) * tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+         + tl.load(coeffs + 3).to(ACC) * g * g)
+    tl.store(v_ptr + offs, to_state(v, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=mask & accept)
     if SLICED:  # s and p0 keep every slice_p-th element: 64-bit division per element, so only when needed
         stride = tl.load(slice_vec + t)
         sliced = mask & (offs % stride == 0)
@@ -164,18 +166,20 @@ def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numel
         sliced = mask
         j = offs
     p0 = tl.load(tensor_ptr(p0_ptrs, t, X, ALIGNED) + j, mask=sliced, other=0.0).to(ACC)
-    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
-    s = tl.load(coeffs + 4).to(ACC) * tl.load(s_ptr + j, mask=sliced, other=0.0) + tl.load(s_coef_vec + t).to(ACC) * g
+    s_ptr = tensor_ptr(s_ptrs, t, S, ALIGNED)
+    s = (tl.load(coeffs + 4).to(ACC) * tl.load(s_ptr + j, mask=sliced, other=0.0).to(ACC)
+         + tl.load(s_coef_vec + t).to(ACC) * g)
     s = tl.where(sliced, s, 0.0)
-    tl.store(s_ptr + j, s, mask=sliced & accept)
+    tl.store(s_ptr + j, to_state(s, S, sr_seeds, t, j, SALT_S), mask=sliced & accept)
     tl.store(partials + 2 * pid, tl.sum(tl.where(sliced, g * (p0 - x), 0.0), axis=0))
     tl.store(partials + 2 * pid + 1, tl.sum(tl.abs(s), axis=0))
 
 
 @triton.jit
 def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start, decay_vec, eps_vec,
-                          dlr_ptr, d_new_ptr, proceed, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, COUPLED: tl.constexpr,
-                          HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                          dlr_ptr, d_new_ptr, proceed, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
+                          COUPLED: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+                          ALIGNED: tl.constexpr):
     if tl.load(proceed) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
@@ -184,10 +188,10 @@ def _prodigy_apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, block_tensor, 
     decay = tl.load(decay_vec + t).to(ACC)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
-    denom = tl.sqrt(tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask)) \
+    denom = tl.sqrt(tl.load(tensor_ptr(v_ptrs, t, S, ALIGNED) + offs, mask=mask).to(ACC)) \
         + d_new * tl.load(eps_vec + t).to(ACC)
     if HAS_M:
-        step = dlr * tl.load(tensor_ptr(m_ptrs, t, ACC, ALIGNED) + offs, mask=mask) / denom
+        step = dlr * tl.load(tensor_ptr(m_ptrs, t, S, ALIGNED) + offs, mask=mask).to(ACC) / denom
     else:
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
         if COUPLED:
@@ -232,7 +236,8 @@ def _stats(opt, batch, moments: torch.Tensor, s_coef: torch.Tensor) -> torch.Ten
         launch(_prodigy_stats_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(6)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(slices), group.take(decay), group.take(s_coef), moments,
                ok_flag(batch), partials, X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"],
-               HAS_M=hp["betas"][0] > 0, SLICED=group.variant, **group.tiling(warps=8))
+               HAS_M=hp["betas"][0] > 0, SLICED=group.variant, **group.tiling(warps=8),
+               **rounding(batch, group, params=False, state=True))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts) if parts else torch.zeros((len(batch.items), 2), dtype=torch.float64,
                                                            device=batch.device)
@@ -250,4 +255,4 @@ def prodigy_apply(opt, batch, steps: torch.Tensor, d_new: torch.Tensor, proceed:
         launch(_prodigy_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(4)), geo.numels,
                geo.block_tensor, geo.block_start, group.take(decay), group.take(eps), group.take(steps), d_new, flag,
                X=group.tl_dtype, ACC=group.acc, COUPLED=not hp["decouple"], HAS_M=hp["betas"][0] > 0,
-               **group.tiling(warps=4), **rounding(batch, group))
+               **group.tiling(warps=4), **rounding(batch, group, state=True))

@@ -24,7 +24,7 @@ from lrfree.methods import ps_dasgd as method
 from lrfree.methods._scaling import scale_coefficients
 
 from .multi_tensor import block_elements, program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_MAX_EXP_AVG_SQ, SALT_S, rounding, to_param, to_state
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials, until_known, until_known_end
 from .scaling import adam_scale, direction
 from .scalar_math import (LANES, accept, column_max, column_total, commit, finish, fused, rule_kernel,
@@ -37,8 +37,8 @@ _DISTANCE = fused(method.psdasgd_distance)
 
 @triton.jit(do_not_specialize=["n_blocks", "programs"])
 def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, weights, started, partials, n_blocks,
-                  programs, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  programs, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr,
+                  AMSGRAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Persistent (common.until_known): program pid sums blocks pid, pid + programs, ... while n0 is not
     known, and writes its row of fp64 sums (zeros once ``started``)."""
     pid = tl.program_id(0)
@@ -50,10 +50,10 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
         t, offs, mask = block_elements(b, numels, block_tensor, block_start, BLOCK, ALIGNED)
         g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
         if SCALED:
-            v = tl.load(tensor_ptr(v_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
+            v = tl.load(tensor_ptr(v_ptrs, t, S, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
             vmax = v
             if AMSGRAD:
-                vmax = tl.load(tensor_ptr(vmax_ptrs, t, ACC, ALIGNED) + offs, mask=mask, other=0.0)
+                vmax = tl.load(tensor_ptr(vmax_ptrs, t, S, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
             _, _, alpha_sq, _ = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
         else:
             alpha_sq = tl.full([BLOCK], 1.0, ACC)
@@ -70,41 +70,41 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 @triton.jit
 def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, numels, block_tensor, block_start,
                  c, decay_vec, dlr_ptr, averaging, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr,
-                 SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
+                 S: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
                  SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    s_ptr = tensor_ptr(s_ptrs, t, ACC, ALIGNED)
+    s_ptr = tensor_ptr(s_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
-    s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(s_ptr + offs, mask=mask, other=0.0).to(ACC)
     if SCALED:
-        v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         vmax = v
         if AMSGRAD:
-            vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+            vmax_ptr = tensor_ptr(vmax_ptrs, t, S, ALIGNED)
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(ACC)
         v_new, vmax_new, alpha_sq, alpha_sq_prev = adam_scale(g, v, vmax, c, ACC, AMSGRAD)
-        tl.store(v_ptr + offs, v_new, mask=store)
+        tl.store(v_ptr + offs, to_state(v_new, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=store)
         if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax_new, mask=store)
+            tl.store(vmax_ptr + offs, to_state(vmax_new, S, sr_seeds, t, offs, SALT_MAX_EXP_AVG_SQ), mask=store)
     else:
         alpha_sq = tl.full([BLOCK], 1.0, ACC)
         alpha_sq_prev = alpha_sq
     m = tl.zeros([BLOCK], ACC)
     if HAS_M:
-        m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
     m_new, u = direction(g, m, alpha_sq, c, ACC, HAS_M)
     if HAS_M:
-        tl.store(m_ptr + offs, m_new, mask=store)
+        tl.store(m_ptr + offs, to_state(m_new, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=store)
     u = u + tl.load(decay_vec + t).to(ACC) * x
     dlr = tl.load(dlr_ptr + t).to(ACC)  # the tensor's step c·λ
     tl.store(partials + 3 * pid, tl.sum(g * s, axis=0))
     s = s + dlr * u
-    tl.store(s_ptr + offs, s, mask=store)
+    tl.store(s_ptr + offs, to_state(s, S, sr_seeds, t, offs, SALT_S), mask=store)
     tl.store(partials + 3 * pid + 1, tl.sum(tl.where(mask, alpha_sq * s * s, 0.0), axis=0))
     tl.store(partials + 3 * pid + 2, tl.max(tl.where(mask, alpha_sq_prev / alpha_sq, 0.0), axis=0))
     if AVERAGING:
@@ -136,7 +136,7 @@ def psdasgd_start(opt, batch, c: torch.Tensor, started: torch.Tensor, ratios: to
     return until_known(batch, started, _start_kernel, 2, lambda it: _state_slots(it, hp),
                        lambda group: (group.geo.slot(1), group.geo.slot(4), group.geo.slot(5), group.geo.numels,
                                       group.geo.block_tensor, group.geo.block_start, c, group.take(ratios)),
-                       warps=4, reduce=reduce, **_flags(hp))
+                       warps=4, reduce=reduce, group_flags=lambda group: {"S": group.state_tl}, **_flags(hp))
 
 
 def psdasgd_step(opt, batch, c: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def psdasgd_step(opt, batch, c: torch.Tensor, steps: torch.Tensor) -> torch.Tens
         launch(_step_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(7)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(decay), group.take(steps), group.take(averaging), ok_flag(batch),
                partials, X=group.tl_dtype, ACC=group.acc, HAS_M=hp["betas"][0] > 0, AVERAGING=averaged,
-               **group.tiling(warps=8), **_flags({**hp, "amsgrad": amsgrad}), **rounding(batch, group))
+               **group.tiling(warps=8), **_flags({**hp, "amsgrad": amsgrad}), **rounding(batch, group, state=True))
         parts.append((group, reduce_partials(group, partials, max_columns=(2,))))
     return assemble(batch, parts)
 

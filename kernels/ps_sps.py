@@ -16,7 +16,7 @@ import triton.language as tl
 from lrfree.methods import ps_sps as method
 
 from .multi_tensor import program_elements, tensor_ptr
-from .rounding import rounding, to_param
+from .rounding import SALT_EXP_AVG, SALT_EXP_AVG_SQ, SALT_MAX_EXP_AVG_SQ, rounding, to_param, to_state
 from .common import assemble, dtype_groups, launch, ok_flag, reduce_partials
 from .scaling import adam_scale, direction
 from .scalar_math import accept, column_total, commit, finish, fused, rule_kernel, scale_vector, step_inputs
@@ -28,10 +28,10 @@ _RULE = fused(method.pssps_rule)
 def _load_scale(it_g, v_ptr, vmax_ptr, offs, mask, c, BLOCK: tl.constexpr, ACC: tl.constexpr,
                 SCALED: tl.constexpr, AMSGRAD: tl.constexpr):
     if SCALED:
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
         vmax = v
         if AMSGRAD:
-            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0)
+            vmax = tl.load(vmax_ptr + offs, mask=mask, other=0.0).to(ACC)
         v_new, vmax_new, alpha_sq, _ = adam_scale(it_g, v, vmax, c, ACC, AMSGRAD)
     else:
         v_new = tl.zeros([BLOCK], ACC)
@@ -42,11 +42,12 @@ def _load_scale(it_g, v_ptr, vmax_ptr, offs, mask, c, BLOCK: tl.constexpr, ACC: 
 
 @triton.jit
 def _stats_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, partials, X: tl.constexpr,
-                  ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  ACC: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, BLOCK: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask, other=0.0).to(ACC)
-    _, _, alpha_sq = _load_scale(g, tensor_ptr(v_ptrs, t, ACC, ALIGNED),
-                                 tensor_ptr(vmax_ptrs, t, ACC, ALIGNED), offs, mask, c, BLOCK, ACC,
+    _, _, alpha_sq = _load_scale(g, tensor_ptr(v_ptrs, t, S, ALIGNED),
+                                 tensor_ptr(vmax_ptrs, t, S, ALIGNED), offs, mask, c, BLOCK, ACC,
                                  SCALED, AMSGRAD)
     tl.store(partials + pid, tl.sum(g * g / alpha_sq, axis=0))
 
@@ -68,28 +69,29 @@ def _rule_kernel(scaled_sq, n, h, lr, coef, step_size, smooth_ref, scaled_grad_n
 
 @triton.jit
 def _apply_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, c, coef, decay_vec,
-                  ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr,
-                  HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  ok, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr, SCALED: tl.constexpr,
+                  AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr,
+                  ALIGNED: tl.constexpr):
     if tl.load(ok) == 0:
         return
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     x_ptr = tensor_ptr(x_ptrs, t, X, ALIGNED)
-    v_ptr = tensor_ptr(v_ptrs, t, ACC, ALIGNED)
-    vmax_ptr = tensor_ptr(vmax_ptrs, t, ACC, ALIGNED)
-    m_ptr = tensor_ptr(m_ptrs, t, ACC, ALIGNED)
+    v_ptr = tensor_ptr(v_ptrs, t, S, ALIGNED)
+    vmax_ptr = tensor_ptr(vmax_ptrs, t, S, ALIGNED)
+    m_ptr = tensor_ptr(m_ptrs, t, S, ALIGNED)
     x = tl.load(x_ptr + offs, mask=mask).to(ACC)
     g = tl.load(tensor_ptr(g_ptrs, t, X, ALIGNED) + offs, mask=mask).to(ACC)
     v_new, vmax_new, alpha_sq = _load_scale(g, v_ptr, vmax_ptr, offs, mask, c, BLOCK, ACC, SCALED, AMSGRAD)
     if SCALED:
-        tl.store(v_ptr + offs, v_new, mask=mask)
+        tl.store(v_ptr + offs, to_state(v_new, S, sr_seeds, t, offs, SALT_EXP_AVG_SQ), mask=mask)
         if AMSGRAD:
-            tl.store(vmax_ptr + offs, vmax_new, mask=mask)
+            tl.store(vmax_ptr + offs, to_state(vmax_new, S, sr_seeds, t, offs, SALT_MAX_EXP_AVG_SQ), mask=mask)
     m = tl.zeros([BLOCK], ACC)
     if HAS_M:
-        m = tl.load(m_ptr + offs, mask=mask)
+        m = tl.load(m_ptr + offs, mask=mask).to(ACC)
     m_new, u = direction(g, m, alpha_sq, c, ACC, HAS_M)
     if HAS_M:
-        tl.store(m_ptr + offs, m_new, mask=mask)
+        tl.store(m_ptr + offs, to_state(m_new, S, sr_seeds, t, offs, SALT_EXP_AVG), mask=mask)
     u = u + tl.load(decay_vec + t).to(ACC) * x
     tl.store(x_ptr + offs, to_param(x - tl.load(coef + t).to(ACC) * u, X, SR, sr_seeds, t, offs), mask=mask)
 
@@ -111,7 +113,8 @@ def pssps_stats(opt, batch, c: torch.Tensor) -> torch.Tensor:
         geo = group.geo
         partials = group.partials(1)
         launch(_stats_kernel, (geo.n_blocks,), geo.slot(1), geo.slot(3), geo.slot(4), geo.numels, geo.block_tensor,
-               geo.block_start, c, partials, X=group.tl_dtype, ACC=group.acc, **group.tiling(warps=4), **_flags(hp))
+               geo.block_start, c, partials, X=group.tl_dtype, ACC=group.acc, S=group.state_tl,
+               **group.tiling(warps=4), **_flags(hp))
         parts.append((group, reduce_partials(group, partials)))
     return assemble(batch, parts)
 
@@ -123,7 +126,8 @@ def pssps_apply(opt, batch, c: torch.Tensor, coef: torch.Tensor) -> None:
         geo = group.geo
         launch(_apply_kernel, (geo.n_blocks,), *(geo.slot(i) for i in range(5)), geo.numels, geo.block_tensor,
                geo.block_start, c, group.take(coef), group.take(decay), ok_flag(batch), X=group.tl_dtype,
-               ACC=group.acc, HAS_M=hp["betas"][0] > 0, **group.tiling(warps=4), **_flags(hp), **rounding(batch, group))
+               ACC=group.acc, HAS_M=hp["betas"][0] > 0, **group.tiling(warps=4), **_flags(hp),
+               **rounding(batch, group, state=True))
 
 
 def pssps_rule(opt, batch, scaled_sq: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lrfree import precision
+
 # 32-bit integer mixer (two multiply-xorshift rounds); both constants are < 2^31, so the torch reference can
 # reproduce it in int64 arithmetic without overflow.
 MIX = 0x45D9F3B
@@ -27,23 +29,53 @@ def mix32(x):
 
 
 @triton.jit
+def _stochastic_bf16(value, seed, offs):
+    """``value`` stochastically rounded to bf16 with the dither of ``seed`` (uint32) at element indices ``offs``."""
+    bits = mix32(offs.to(tl.uint32) ^ seed) & 0xFFFF
+    raw = value.to(tl.float32).to(tl.uint32, bitcast=True)
+    dithered = ((raw + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    # NaN keeps its round-to-nearest value (dithering could carry a NaN's payload into the sign bit)
+    return tl.where(value != value, value.to(tl.bfloat16), dithered.to(tl.bfloat16))
+
+
+@triton.jit
 def to_param(value, X: tl.constexpr, SR: tl.constexpr, sr_seeds, t, offs):
     """``value`` (fp32/fp64 compute) as the parameter dtype ``X`` — stochastically rounded under ``SR``
     with tensor ``t``'s seed; ``offs`` are the elements' indices in the tensor."""
     if SR:
-        seed = tl.load(sr_seeds + t).to(tl.uint32)
-        bits = mix32(offs.to(tl.uint32) ^ seed) & 0xFFFF
-        raw = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        dithered = ((raw + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        # NaN keeps its round-to-nearest value (dithering could carry a NaN's payload into the sign bit)
-        return tl.where(value != value, value.to(X), dithered.to(X))
+        return _stochastic_bf16(value, tl.load(sr_seeds + t).to(tl.uint32), offs)
     else:
         return value.to(X)
 
 
-def rounding(batch, group) -> dict:
-    """The keyword arguments every apply kernel takes for ``to_param``."""
+@triton.jit
+def to_state(value, S: tl.constexpr, sr_seeds, t, offs, SALT: tl.constexpr):
+    """``value`` (compute dtype) as state stored in ``S`` (lrfree.precision): bf16 by stochastic rounding
+    with tensor ``t``'s seed salted by the state key's ``SALT``, else converted (fp32/fp64: exact)."""
+    if S == tl.bfloat16:
+        return _stochastic_bf16(value, mix32(tl.load(sr_seeds + t).to(tl.uint32) ^ SALT), offs)
+    else:
+        return value.to(S)
+
+
+def salt(key: str) -> tl.constexpr:
+    """A state key's seed salt (lrfree.precision.salt) as a kernel constant."""
+    return tl.constexpr(precision.salt(key))
+
+
+SALT_EXP_AVG = salt("exp_avg")
+SALT_EXP_AVG_SQ = salt("exp_avg_sq")
+SALT_MAX_EXP_AVG_SQ = salt("max_exp_avg_sq")
+SALT_S = salt("s")
+
+
+def rounding(batch, group, params: bool = True, state: bool = False) -> dict:
+    """The keyword arguments of a kernel that stores parameters (``to_param``: sr_seeds, SR) and/or state
+    (``to_state``: sr_seeds, S, the state's storage dtype)."""
     seeds = batch.sr_seeds
-    if seeds is None or group.dtype != torch.bfloat16:
-        return {"sr_seeds": group.geo.numels, "SR": False}  # any int64 pointer: never read
-    return {"sr_seeds": group.take(seeds), "SR": True}
+    out = {"sr_seeds": group.geo.numels if seeds is None else group.take(seeds)}  # None: any int64, never read
+    if params:
+        out["SR"] = seeds is not None and batch.optimizer.stochastic_rounding and group.dtype == torch.bfloat16
+    if state:
+        out["S"] = group.state_tl
+    return out

@@ -6,7 +6,7 @@ Run as a script (it needs Triton's JIT, so ``TRITON_INTERPRET`` must be unset)::
 
 The variants are those the methods really launch: every optimizer of ``optimizer_db`` in each of its
 ``kernel_variants`` (and GLyDER's estimators), with fp32, bf16, fp16 and fp64 parameters, stochastic
-rounding, master weights and the non-finite guard on and off, stepped three times on CPU tensors whose
+rounding, master weights, bf16 state and the non-finite guard on and off, stepped three times on CPU tensors whose
 launches are recorded instead of run (``lrfree.kernels.aot``). Each distinct specialization is compiled
 once per architecture. The JSON holds every compiled variant's analysis and, per scenario and architecture,
 the launches of each step as [variant id, grid]; ``test_kernels_compile`` checks it and
@@ -26,15 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-# name -> (parameter dtype, stochastic_rounding, master_weights, skip_nonfinite)
+# name -> (parameter dtype, stochastic_rounding, master_weights, skip_nonfinite, state_dtype)
 PRECISIONS = {
-    "fp32": ("float32", False, False, True),
-    "fp32-noguard": ("float32", False, False, False),
-    "bf16": ("bfloat16", False, False, True),
-    "bf16-sr": ("bfloat16", True, False, True),
-    "bf16-master": ("bfloat16", False, True, True),
-    "fp16": ("float16", False, False, True),
-    "fp64": ("float64", False, False, True),
+    "fp32": ("float32", False, False, True, None),
+    "fp32-noguard": ("float32", False, False, False, None),
+    "fp32-bf16state": ("float32", False, False, True, "bfloat16"),
+    "fp32-bf16state-noguard": ("float32", False, False, False, "bfloat16"),
+    "bf16": ("bfloat16", False, False, True, None),
+    "bf16-sr": ("bfloat16", True, False, True, None),
+    "bf16-sr-bf16state": ("bfloat16", True, False, True, "bfloat16"),
+    "bf16-master": ("bfloat16", False, True, True, None),
+    "fp16": ("float16", False, False, True, None),
+    "fp64": ("float64", False, False, True, None),
 }
 STEPS = 3  # the last one is the steady state (first-step-only launches are done)
 # Tensor sizes: aligned ones (128-bit accesses) in a few blocks, and one whose size is not a multiple of 16
@@ -77,7 +80,7 @@ def record_all(long_tensor: bool = True) -> dict:
     from lrfree.kernels import aot
     runs = {}
     for label, method, make, before in scenarios():
-        for precision, (dtype_name, sr, master, guard) in PRECISIONS.items():
+        for precision, (dtype_name, sr, master, guard, state_dtype) in PRECISIONS.items():
             dtype = getattr(torch, dtype_name)
             gen = torch.Generator().manual_seed(0)
             sizes = SIZES + ((LONG,) if long_tensor and precision == "fp32" and label == method else ())
@@ -86,6 +89,8 @@ def record_all(long_tensor: bool = True) -> dict:
                 options["stochastic_rounding"] = True
             if master:
                 options["master_weights"] = True
+            if state_dtype:
+                options["state_dtype"] = getattr(torch, state_dtype)
             with aot.recording() as rec:
                 params = []
                 for n in sizes:

@@ -68,7 +68,8 @@ class LrfreeOptimizerInfo(OptimizerInfo):
         inputs += [OptimizerInput(None, {**base, "lr": torch.tensor([self.default_lr])}, "tensor lr of shape (1,)"),
                    OptimizerInput(None, {**base, "skip_nonfinite": False}, "skip_nonfinite=False"),
                    OptimizerInput(None, {**base, "master_weights": True}, "master_weights"),
-                   OptimizerInput(None, {**base, "stochastic_rounding": True}, "stochastic_rounding")]
+                   OptimizerInput(None, {**base, "stochastic_rounding": True}, "stochastic_rounding"),
+                   OptimizerInput(None, {**base, "state_dtype": torch.bfloat16}, "state_dtype=bfloat16")]
         if self.has_per_group_d:
             inputs.append(OptimizerInput(None, {**base, "per_group_d": True}, "per_group_d"))
         return inputs
@@ -85,7 +86,9 @@ class LrfreeOptimizerInfo(OptimizerInfo):
                   error({"lr": "0.1"}, TypeError, r"lr='0\.1'", "lr of the wrong type"),
                   error({"lr": torch.tensor([0.1, 0.2])}, ValueError, r"lr.*exactly 1 element.*\(2,\)",
                         "tensor lr with 2 elements"),
-                  error({"backend": "tpu"}, ValueError, "backend='tpu'", "unknown backend")]
+                  error({"backend": "tpu"}, ValueError, "backend='tpu'", "unknown backend"),
+                  error({"state_dtype": torch.float16}, ValueError, r"state_dtype=torch\.float16 is not supported",
+                        "fp16 state")]
         if self.has_betas:
             errors += [error({"betas": 0.9}, TypeError, r"betas=0\.9.*tuple such as \(0\.9, 0\.999\)", "betas=0.9"),
                        error({"betas": (0.9, 1.0)}, ValueError, r"betas=\(0\.9, 1\.0\)", "beta2 = 1")]
@@ -169,7 +172,8 @@ def test_every_registered_class_is_in_the_matrix():
 def test_every_configuration_steps(pair):
     info, case = pair
     low_precision = case.kwargs.get("master_weights") or case.kwargs.get("stochastic_rounding")
-    params, groups = model(torch.bfloat16 if low_precision else torch.float64)
+    dtype = torch.float32 if "state_dtype" in case.kwargs else torch.bfloat16 if low_precision else torch.float64
+    params, groups = model(dtype)
     start = {k: v.detach().clone() for k, v in params.items()}
     opt = info.optim_cls(groups, **case.kwargs)
     train(opt, params, 3)
@@ -293,7 +297,8 @@ def test_state_dict_hooks_run(info):
 
 # -- copy and pickle ----------------------------------------------------------------------------------
 OPTION_SETS = {"master_weights": {"master_weights": True, "skip_nonfinite": False},
-               "stochastic_rounding": {"stochastic_rounding": True}}
+               "stochastic_rounding": {"stochastic_rounding": True},
+               "state_dtype": {"state_dtype": torch.bfloat16}}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,7 +309,7 @@ def test_deepcopy_and_pickle_keep_every_attribute(info, options, backend):
     original, and the same gradients move both the same (bf16 parameters, where the options act)."""
     require_backend(info.optim_cls, backend)
     kwargs = {**OPTION_SETS[options], "backend": backend}
-    if backend == "cuda" and options == "stochastic_rounding":
+    if backend == "cuda" and options in ("stochastic_rounding", "state_dtype"):
         pytest.skip("stochastic rounding runs on the torch and triton backends")
     if info.has_per_group_d:
         kwargs["per_group_d"] = True
@@ -313,7 +318,7 @@ def test_deepcopy_and_pickle_keep_every_attribute(info, options, backend):
     train(opt, params, 2)
     copies = [copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))]
     for clone in copies:
-        for name in ("master_weights", "stochastic_rounding", "skip_nonfinite", "per_group_d", "backend",
+        for name in ("master_weights", "stochastic_rounding", "state_dtype", "skip_nonfinite", "per_group_d", "backend",
                      "_requested_backend", "_layout", "_device", "defaults"):
             assert getattr(clone, name, None) == getattr(opt, name, None), name
         assert set(vars(opt)) - {"_launcher"} <= set(vars(clone))

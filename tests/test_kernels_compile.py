@@ -158,19 +158,22 @@ def methods():
     return [info.name for info in OPTIMIZERS] + ["GLyDER"]
 
 
-@pytest.mark.parametrize("precision, param_bytes", [("fp32", 4), ("bf16", 2), ("fp32-noguard", 4)])
-def test_steady_state_bytes_per_element_are_the_roofline_table(compiled, precision, param_bytes):
+@pytest.mark.parametrize("precision, param_bytes, state_bytes", [
+    ("fp32", 4, 4), ("bf16", 2, 4), ("fp32-noguard", 4, 4), ("fp32-bf16state", 4, 2),
+    ("fp32-bf16state-noguard", 4, 2)])
+def test_steady_state_bytes_per_element_are_the_roofline_table(compiled, precision, param_bytes, state_bytes):
     """The compiled step of every method's default configuration moves exactly bench/roofline.py's FUSED
-    bytes (guard on) or its minimal bytes plus the written allowance (guard off)."""
+    bytes (guard on) or its minimal bytes plus the written allowance (guard off), with fp32 or bf16 state."""
     import roofline
     wrong = []
     for method in methods():
         measured, kernels = steady_state_bytes(compiled, default_scenario(compiled, method, precision))
         measured += roofline.TORCH_OP_BYTES.get(method, 0)
-        if precision == "fp32-noguard":
-            expected = roofline.minimal_bytes(method, param_bytes) + roofline.UNGUARDED_EXTRA.get(method, 0)
+        if precision.endswith("noguard"):
+            expected = (roofline.minimal_bytes(method, param_bytes, state_bytes)
+                        + roofline.UNGUARDED_EXTRA.get(method, 0))
         else:
-            expected = roofline.fused_bytes(method, param_bytes)
+            expected = roofline.fused_bytes(method, param_bytes, state_bytes)
         if measured != expected:
             wrong.append(f"{method} ({precision}): {measured} B/element measured ({' + '.join(kernels)}), "
                          f"{expected} expected")

@@ -170,6 +170,7 @@ class GLyDER(FusedOptimizer):
 
     hyperparameters = {"lr": V.NONNEG}
     kernels = "glyder"
+    low_precision_state = Adam.low_precision_state  # the Adam direction's moments (a generic base keeps its own)
 
     def __init__(self, base: torch.optim.Optimizer, lr: float = 1.0, *, gradient: str = "batch",
                  curvature: str = "gnb", beta: float = 0.9, growth_rate: float = 1.02, smoothness: float | None = None,
@@ -214,8 +215,10 @@ class GLyDER(FusedOptimizer):
                   for g in base.param_groups]
         if backend is None:
             backend = getattr(base, "backend", "auto")
+        # the Adam direction keeps the base's moments, stored as the base stores them
+        state_dtype = base.state_dtype if self.adam_direction else None
         super().__init__(groups, {"lr": lr}, backend=backend if self.adam_direction else "torch",
-                         skip_nonfinite=skip_nonfinite)
+                         skip_nonfinite=skip_nonfinite, state_dtype=state_dtype)
 
     # ------------------------------------------------------------------ the training loop's side
     def _trainable(self) -> list[torch.Tensor]:

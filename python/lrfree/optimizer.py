@@ -23,6 +23,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
+from . import precision
 from . import validation as V
 from .backends import resolve_backend, validate_backend
 from .backends import torch_ref as R
@@ -261,11 +262,15 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
     requires_loss: ClassVar[bool] = False
     #: the method's fused passes include a rule kernel (see StepBatch.rule_kernel)
     fused_rule: ClassVar[bool] = False
+    #: the per-element statistics ``state_dtype`` stores (see lrfree.precision); anchors such as x0 are not
+    low_precision_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any, defaults: dict, *, backend: str = "auto", skip_nonfinite: bool = True,
-                 master_weights: bool = False, stochastic_rounding: bool = False, process_group: Any = None,
-                 sharded: bool | None = None):
+                 master_weights: bool = False, stochastic_rounding: bool = False,
+                 state_dtype: torch.dtype | None = None, process_group: Any = None, sharded: bool | None = None):
         owner = type(self).__name__
+        # the dtype the method's per-element statistics are stored in (lrfree.precision)
+        self.state_dtype = precision.validate(owner, state_dtype)
         V.BOOL(owner, "skip_nonfinite", skip_nonfinite)
         V.BOOL(owner, "master_weights", master_weights)
         V.BOOL(owner, "stochastic_rounding", stochastic_rounding)
@@ -293,6 +298,9 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         if stochastic_rounding and self._backend == "cuda":
             raise ValueError(f"{owner}: stochastic_rounding runs on the 'torch' and 'triton' backends; the compiled "
                              "extension rounds to nearest")
+        if precision.rounds_state(self) and self._backend == "cuda":
+            raise ValueError(f"{owner}: state_dtype=torch.bfloat16 runs on the 'torch' and 'triton' backends; the "
+                             "compiled extension stores fp32 state")
         # data parallelism (see lrfree.distributed): None single-process, else replicated (DDP) or sharded
         self._layout = layout_for(type(self).__name__, (p for _, _, p in self._flat_params()), process_group, sharded)
 
@@ -369,13 +377,10 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ dtype policy
     @staticmethod
-    def state_dtype(p: torch.Tensor) -> torch.dtype:
-        """Optimizer state is fp32 for fp32/bf16/fp16 parameters and fp64 for fp64 parameters."""
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
-
-    @classmethod
-    def zeros_state(cls, p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(p, dtype=cls.state_dtype(p), memory_format=torch.preserve_format)
+    def zeros_state(p: torch.Tensor) -> torch.Tensor:
+        """A zero state tensor like ``p`` in the default state dtype (``state_dtype`` is applied to the
+        whole new state afterwards, by lrfree.precision)."""
+        return torch.zeros_like(p, dtype=precision.default_dtype(p), memory_format=torch.preserve_format)
 
     @staticmethod
     def copy_of(p: torch.Tensor) -> torch.Tensor:
@@ -400,7 +405,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         f64 = dict(dtype=torch.float64, device=self.device)
         store, domain = self._scalar_store, self._scalar_domain
         if not store:
-            counters = {"steps": 0.0, "skipped": 0.0, **({"rounding_step": 0.0} if self.stochastic_rounding else {})}
+            rounds = self.stochastic_rounding or precision.rounds_state(self)
+            counters = {"steps": 0.0, "skipped": 0.0, **({"rounding_step": 0.0} if rounds else {})}
             for name, value in {**counters, **self.initial_scalars()}.items():
                 store[name] = torch.full((), float(value), **f64)
                 domain[name] = GLOBAL
@@ -534,8 +540,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         p = local_real(p)
         if self.master_weights and p.dtype in (torch.bfloat16, torch.float16):
             master = p.detach().to(torch.float32, memory_format=torch.preserve_format)
-            return {**self.init_state(master, group), "master": master}
-        return self.init_state(p, group)
+            return {**precision.store(self, self.init_state(master, group)), "master": master}
+        return precision.store(self, self.init_state(p, group))
 
     def _stepped(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the steps of parameter ``p`` update: its fp32 master, its local shard, or ``p``."""
@@ -725,8 +731,8 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
 
     def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
         batch = StepBatch(items=items, inputs=StepInputs(loss_t, None), device=self.device, optimizer=self)
-        if self.stochastic_rounding:
-            counter = self._scalar_store["rounding_step"]
+        counter = self._scalar_store.get("rounding_step")  # stochastic rounding of parameters or state
+        if counter is not None:
             batch.sr_base = R.step_seed(counter)
             counter.add_(1.0)  # every step draws new bits, taken or skipped
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step

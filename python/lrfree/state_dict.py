@@ -40,7 +40,8 @@ _GLOBAL, _GROUP, _TENSOR = "global", "group", "tensor"
 
 # Step counters every optimizer has; a state dict from another optimizer may lack them without losing
 # anything the method's update reads.
-_COUNTERS = frozenset({"steps", "skipped", "rounding_step"})
+_ROUNDING = "rounding_step"
+_COUNTERS = frozenset({"steps", "skipped", _ROUNDING})
 
 # torch.optim.Optimizer's hook registries. A copy starts with none, as a copy of a torch optimizer does:
 # a hook usually closes over the optimizer it was registered on, and would act on the original.
@@ -215,7 +216,9 @@ class Checkpointing:
         domain = self._scalar_domain
         saved_names = set().union(*(set(m.get("scalars", {})) for m in group_meta))
         expected = {name for name, d in domain.items() if d != _TENSOR}
-        if saved_names != expected:
+        # the rounding counter exists under stochastic rounding (of parameters or state): a checkpoint saved
+        # without it (or with it, loaded into an optimizer that rounds to nearest) loses nothing by it
+        if saved_names - {_ROUNDING} != expected - {_ROUNDING}:
             raise ValueError(f"{owner}: the param groups' saved scalars {sorted(saved_names)} do not match this "
                              f"method's {sorted(expected)}")
 
@@ -229,7 +232,9 @@ class Checkpointing:
 
         out: dict[str, torch.Tensor] = {}
         for name, d in domain.items():
-            if d == _GLOBAL:
+            if name == _ROUNDING and name not in saved_names:  # a fresh counter: new bits from here on
+                out[name] = torch.zeros((), dtype=torch.float64, device=self.device)
+            elif d == _GLOBAL:
                 out[name] = scalar(group_meta[0].get("scalars", {}).get(name), f"param_groups[0] scalar {name!r}")
             elif d == _GROUP:
                 out[name] = torch.stack([scalar(m.get("scalars", {}).get(name), f"param_groups[{i}] scalar {name!r}")

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .. import precision
+
 F64 = torch.float64
 
 
@@ -378,21 +380,32 @@ class Chunk:
         self.layout.commit(self.batch.inputs, name, tensors, new, ok, self.dtype, flat)
 
     def commit_state(self, key: str, new: torch.Tensor, ok: torch.Tensor, flat: bool = False) -> None:
+        """The items' ``state[key]`` ← ``new`` (committed as :meth:`commit`). State stored in bf16 under
+        ``state_dtype`` (lrfree.precision) is written by stochastic rounding with the key's own bits, as
+        the fused kernels' ``to_state`` writes it."""
         self.state(key, flat)  # the matrix a commit writes into
-        self.commit("state:" + key, [it.state[key] for it in self.items], new, ok, flat)
+        tensors = [it.state[key] for it in self.items]
+        if tensors[0].dtype == torch.bfloat16 and key in type(self.batch.optimizer).low_precision_state:
+            new = self._stochastic_bf16(new, precision.salt(key)).to(self.dtype)
+        self.commit("state:" + key, tensors, new, ok, flat)
 
     def commit_params(self, new: torch.Tensor, ok: torch.Tensor) -> None:
         """The parameters ← ``new`` (committed as :meth:`commit`), rounded as the reference rounds a new
-        parameter value: stochastically to bf16 under ``stochastic_rounding`` (the bits the fused kernels
-        draw: each tensor's own seed, indexed by the element's position in it), else to nearest by the
+        parameter value: stochastically to bf16 under ``stochastic_rounding``, else to nearest by the
         store."""
-        batch = self.batch
-        if batch.sr_base is not None and self.items[0].p.dtype == torch.bfloat16:
-            seeds = tensor_seed(batch.sr_base, batch.index(it.flat_index for it in self.items))
-            rows = self.layout.row_tensor
-            index = self.layout.row_start + torch.arange(new.shape[1], device=new.device)
-            new = stochastic_round_bf16(new, seeds.index_select(0, rows).unsqueeze(1), index)
+        if self.batch.optimizer.stochastic_rounding and self.items[0].p.dtype == torch.bfloat16:
+            new = self._stochastic_bf16(new)
         self.commit("params", [it.p for it in self.items], new, ok)
+
+    def _stochastic_bf16(self, new: torch.Tensor, salt: int | None = None) -> torch.Tensor:
+        """``new`` stochastically rounded to bf16 with the bits the fused kernels draw: each tensor's own seed
+        (salted for a state key), indexed by the element's position in the tensor."""
+        batch = self.batch
+        seeds = tensor_seed(batch.sr_base, batch.index(it.flat_index for it in self.items))
+        if salt is not None:
+            seeds = mix32(seeds ^ salt)
+        index = self.layout.row_start + torch.arange(new.shape[1], device=new.device)
+        return stochastic_round_bf16(new, seeds.index_select(0, self.layout.row_tensor).unsqueeze(1), index)
 
     # -- per-tensor fp64 reductions: (len(chunk),) vectors -------------------------------------------
     # In fp32 (and bf16/fp16) a tensor's sum is a sum of row sums, fp64 all the way, in another order than

@@ -59,18 +59,20 @@ class Adam(FusedOptimizer):
     hyperparameters = {"lr": V.NONNEG, "betas": V.betas(), "eps": V.NONNEG, "weight_decay": V.NONNEG,
                        "amsgrad": V.BOOL, "maximize": V.BOOL}
     kernels = "adam"
+    low_precision_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
     fused_rule = True
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         defaults = dict(lr=lr, betas=V.as_tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def _validate_hyperparameters(self, owner, index, group, first):
@@ -132,9 +134,10 @@ class AdamW(Adam):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, maximize: bool = False, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize, backend=backend,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)

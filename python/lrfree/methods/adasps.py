@@ -50,11 +50,12 @@ class AdaSPS(PolyakFamily):
 
     def __init__(self, params, c_p: float = 1.0, lower_bound: float = 0.0, *, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         super().__init__(params, dict(c_p=c_p, lower_bound=lower_bound, lr=lr), backend=backend,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def initial_scalars(self):

@@ -53,18 +53,20 @@ class ClippedSGD(FusedOptimizer):
                        "weight_decay": V.NONNEG, "nesterov": V.BOOL, "eps": V.NONNEG}
     recomputed_scalars = frozenset({"clip_coef", "grad_norm"})
     kernels = "clipped_sgd"
+    low_precision_state = ("momentum_buffer",)
     fused_rule = True
 
     def __init__(self, params, lr: float, max_norm: float, *, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, eps: float = 1e-6, backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         if nesterov and momentum <= 0:
             raise ValueError("ClippedSGD: nesterov=True requires momentum > 0")
         super().__init__(params, dict(lr=lr, max_norm=max_norm, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov, eps=eps), backend=backend, skip_nonfinite=skip_nonfinite,
                                       master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                                      state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):

@@ -40,21 +40,23 @@ class COCOB(FusedOptimizer):
 
     hyperparameters = {"alpha": V.NONNEG, "eps": V.POSITIVE, "weight_decay": V.NONNEG, "lr": V.NONNEG}
     kernels = "cocob"
+    low_precision_state = ("sum_negative_gradients", "grad_norm_sum", "L", "reward")
     fused_rule = True  # no scalar rule: the rule kernel is the accept decision and the counters
 
     def __init__(self, params, alpha: float = 100, eps: float = 1e-8, weight_decay: float = 0, *, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         super().__init__(params, dict(alpha=alpha, eps=eps, weight_decay=weight_decay, lr=lr), backend=backend,
                          skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):
         z = self.zeros_state
         return {"sum_negative_gradients": z(p), "grad_norm_sum": z(p),
-                "L": torch.full_like(p, group["eps"], dtype=self.state_dtype(p)),
+                "L": self.zeros_state(p).fill_(group["eps"]),
                 "reward": z(p), "x0": self.copy_of(p)}
 
     def _update(self, batch: StepBatch) -> None:

@@ -71,13 +71,14 @@ class DAdaptAdam(DAdaptBase):
                        "log_every": V.integer(0), "decouple": V.BOOL, "use_bias_correction": V.BOOL,
                        "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL, "layer_scale": V.NONNEG}
     kernels = "dadapt_adam"
+    low_precision_state = ("s", "exp_avg", "exp_avg_sq")
     fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  log_every: int = 0, decouple: bool = False, use_bias_correction: bool = False, d0: float = 1e-6,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, *, backend: str = "auto",
                  skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
         defaults = dict(lr=lr, betas=V.as_tuple(betas), eps=eps, weight_decay=weight_decay, log_every=log_every,
@@ -85,6 +86,7 @@ class DAdaptAdam(DAdaptBase):
                         fsdp_in_use=fsdp_in_use, layer_scale=1.0)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
 

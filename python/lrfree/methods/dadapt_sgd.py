@@ -79,18 +79,20 @@ class DAdaptSGD(DAdaptBase):
     hyperparameters = {"lr": V.NONNEG, "momentum": V.UNIT_INTERVAL, "weight_decay": V.NONNEG,
                        "log_every": V.integer(0), "d0": V.POSITIVE, "growth_rate": V.GROWTH, "fsdp_in_use": V.BOOL}
     kernels = "dadapt_sgd"
+    low_precision_state = ("s",)
     fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, weight_decay: float = 0, log_every: int = 0,
                  d0: float = 1e-6, growth_rate: float = math.inf, fsdp_in_use: bool = False, *,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, log_every=log_every, d0=d0,
                         growth_rate=growth_rate, fsdp_in_use=fsdp_in_use)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
 

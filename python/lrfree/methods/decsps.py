@@ -63,12 +63,13 @@ class DecSPS(PolyakFamily):
     def __init__(self, params, c0: float = 1.0, gamma_b: float = 10.0, lower_bound: float = 0.0, *,
                  decay: str = "sqrt", reference_quirks: bool = False, lr: float = 1.0, backend: str = "auto",
                  skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         defaults = dict(c0=c0, gamma_b=gamma_b, lower_bound=lower_bound, decay=decay,
                         reference_quirks=reference_quirks, lr=lr)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def initial_scalars(self):

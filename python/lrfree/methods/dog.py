@@ -70,7 +70,7 @@ class DoG(FusedOptimizer):
     def __init__(self, params, reps_rel: float = 1e-6, lr: float = 1.0, weight_decay: float = 0.0,
                  eps: float = 1e-8, init_eta: float | None = None, *, backend: str = "auto",
                  skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         if init_eta is None and not reps_rel > 0:
             raise ValueError(f"{type(self).__name__}: invalid reps_rel={reps_rel!r}; expected a real number > 0 "
@@ -80,6 +80,7 @@ class DoG(FusedOptimizer):
         self._x0_norm_ready: set[int] = set()
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):

@@ -60,11 +60,12 @@ class InexactPolyak(PolyakFamily):
 
     def __init__(self, params, T: int, lower_bound: float = 0.0, *, lr: float = 1.0, best_iterate: bool = False,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         super().__init__(params, dict(T=T, lower_bound=lower_bound, lr=lr, best_iterate=best_iterate),
                          backend=backend, skip_nonfinite=skip_nonfinite, master_weights=master_weights,
                          stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):

@@ -79,6 +79,7 @@ class Prodigy(DAdaptBase):
                        "safeguard_warmup": V.BOOL, "d0": V.POSITIVE, "d_coef": V.POSITIVE, "growth_rate": V.GROWTH,
                        "fsdp_in_use": V.BOOL, "slice_p": V.integer(1)}
     kernels = "prodigy"
+    low_precision_state = ("s", "exp_avg", "exp_avg_sq")
     fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), beta3: float | None = None, eps: float = 1e-8,
@@ -86,7 +87,7 @@ class Prodigy(DAdaptBase):
                  safeguard_warmup: bool = False, d0: float = 1e-6, d_coef: float = 1.0,
                  growth_rate: float = math.inf, fsdp_in_use: bool = False, slice_p: int = 1, *,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
         defaults = dict(lr=lr, betas=V.as_tuple(betas), beta3=beta3, eps=eps, weight_decay=weight_decay,
@@ -94,6 +95,7 @@ class Prodigy(DAdaptBase):
                         d0=d0, d_coef=d_coef, growth_rate=growth_rate, fsdp_in_use=fsdp_in_use, slice_p=slice_p)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
 

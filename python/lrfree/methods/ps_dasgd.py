@@ -118,19 +118,21 @@ class PSDASGD(DAdaptBase):
     # momentum (primal averaging) and amsgrad are per group (see _group_hp); the rest define the one rule
     shared_hyperparameters = ("betas", "eps", "d0", "growth_rate", "scaling")
     kernels = "ps_dasgd"
+    low_precision_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "s")
     fused_rule = True
 
     def __init__(self, params, lr: float = 1.0, momentum: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
                  d0: float = 1e-6, growth_rate: float = math.inf, weight_decay: float = 0.0, amsgrad: bool = False,
                  *, scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None,
                  per_group_d: bool = False):
         defaults = dict(lr=lr, momentum=momentum, betas=V.as_tuple(betas), eps=eps, d0=d0, growth_rate=growth_rate,
                         weight_decay=weight_decay, amsgrad=amsgrad, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded,
                          per_group_d=per_group_d)
 

@@ -75,6 +75,7 @@ class PSSPS(FusedOptimizer):
     shared_hyperparameters = ("c", "f_star", "betas", "eps", "amsgrad", "smooth", "gamma", "n_batches_per_epoch",
                               "eta_max", "scaling")
     kernels = "ps_sps"
+    low_precision_state = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     fused_rule = True
 
     def __init__(self, params, c: float = 0.5, f_star: float = 0.0, betas=(0.0, 0.999), eps: float = 1e-8,
@@ -82,13 +83,14 @@ class PSSPS(FusedOptimizer):
                  gamma: float = 2.0, n_batches_per_epoch: int = 500, eta_max: float | None = None,
                  scaling: str = "adam", backend: str = "auto", skip_nonfinite: bool = True,
                  master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         defaults = dict(c=c, f_star=f_star, betas=V.as_tuple(betas), eps=eps, amsgrad=amsgrad, lr=lr,
                         weight_decay=weight_decay, smooth=smooth, gamma=gamma,
                         n_batches_per_epoch=n_batches_per_epoch, eta_max=eta_max, scaling=scaling)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def init_state(self, p, group):

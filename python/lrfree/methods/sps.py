@@ -84,13 +84,14 @@ class SPS(PolyakFamily):
                  adapt_flag: str = "smooth_iter", n_batches_per_epoch: int = 500, init_step_size: float = 1.0,
                  gamma: float = 2.0, eps: float = 1e-8, reference_quirks: bool = False, lr: float = 1.0,
                  backend: str = "auto", skip_nonfinite: bool = True, master_weights: bool = False,
-                 stochastic_rounding: bool = False, process_group=None,
+                 stochastic_rounding: bool = False, state_dtype: torch.dtype | None = None, process_group=None,
                  sharded: bool | None = None):
         defaults = dict(c=c, f_star=f_star, eta_max=eta_max, adapt_flag=adapt_flag,
                         n_batches_per_epoch=n_batches_per_epoch, init_step_size=init_step_size, gamma=gamma,
                         eps=eps, reference_quirks=reference_quirks, lr=lr)
         super().__init__(params, defaults, backend=backend, skip_nonfinite=skip_nonfinite,
                          master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                         state_dtype=state_dtype,
                          process_group=process_group, sharded=sharded)
 
     def initial_scalars(self):
