@@ -29,6 +29,8 @@ LRFREE_METHODS = ["InexactPolyak", "SPS", "DecSPS", "AdaSPS", "ClippedSGD", "DoG
 
 # The methods the scaling sweep runs (one fused backend each, plus torch's fused AdamW).
 SWEEP_METHODS = ("AdamW", "PSDASGD", "PSSPS", "InexactPolyak", "DAdaptAdam", "Prodigy")
+# The methods also timed with their statistics in bf16 (state_dtype=torch.bfloat16, lrfree.precision)
+BF16_STATE_METHODS = ("AdamW", "PSDASGD", "PSSPS", "Prodigy")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Contender:
     needs_loss: bool = False
     # what the training loop gives the optimizer besides the gradient, before each step (GLyDER's ĝ)
     before_step: Callable[[torch.optim.Optimizer], None] | None = field(default=None, compare=False)
+    state_bytes: int = 4       # bytes per element of each stored statistic (2: state_dtype=torch.bfloat16)
 
     def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         if self.before_step is not None:
@@ -61,12 +64,19 @@ class Contender:
         return None
 
 
-def _lrfree(method: str, backend: str) -> Contender:
+def _lrfree(method: str, backend: str, bf16_state: bool = False) -> Contender:
     cls = getattr(lrfree, method)
-    kwargs = LRFREE_KWARGS.get(method, {})
-    return Contender(f"lrfree.{method}[{backend}]", method, "lrfree",
+    kwargs = {**LRFREE_KWARGS.get(method, {}), **({"state_dtype": torch.bfloat16} if bf16_state else {})}
+    label = f"{backend}, bf16 state" if bf16_state else backend
+    return Contender(f"lrfree.{method}[{label}]", method, "lrfree",
                      lambda params: cls(params, backend=backend, **kwargs), backend=backend,
-                     needs_loss=cls.requires_loss)
+                     needs_loss=cls.requires_loss, state_bytes=2 if bf16_state else 4)
+
+
+def _bf16_state(backends) -> list[Contender]:
+    """The BF16_STATE_METHODS with bf16 state, on each of ``backends`` that stores state in bf16."""
+    return [_lrfree(m, b, bf16_state=True) for m in BF16_STATE_METHODS for b in backends
+            if covered(m, b) and b != "cuda"]
 
 
 def _glyder(backend: str) -> Contender:
@@ -127,12 +137,13 @@ def contenders(backends: tuple[str, ...], sweep: bool = False, compact: bool = F
     fused = [b for b in backends if b != "torch"] or ["torch"]  # the reduced sets time the fused backends only
     if compact:
         return (torch_ones[:2] + [_lrfree(m, b) for m in LRFREE_METHODS for b in fused if covered(m, b)]
-                + [_glyder(b) for b in fused if b != "cuda"] + [c for c in OFFICIAL if c.name in CHECK_OFFICIAL])
+                + _bf16_state(fused) + [_glyder(b) for b in fused if b != "cuda"]
+                + [c for c in OFFICIAL if c.name in CHECK_OFFICIAL])
     if sweep:
         return [torch_ones[0]] + [_lrfree(m, b) for m in SWEEP_METHODS for b in fused if covered(m, b)] + \
             [c for c in OFFICIAL if c.name in ("dadaptation.DAdaptAdam", "prodigyopt.Prodigy")]
     return (torch_ones + [_lrfree(m, b) for m in LRFREE_METHODS for b in backends if covered(m, b)]
-            + [_glyder(b) for b in backends if b != "cuda"] + OFFICIAL)
+            + _bf16_state(backends) + [_glyder(b) for b in backends if b != "cuda"] + OFFICIAL)
 
 
 def backends_for(device: torch.device, mode: str) -> tuple[str, ...]:

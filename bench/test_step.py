@@ -40,13 +40,16 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def describe(benchmark, workload: Workload, contender: str, method: str, family: str, backend: str) -> None:
+def describe(benchmark, workload: Workload, contender: str, method: str, family: str, backend: str,
+             state_bytes: int = 4) -> None:
     benchmark.group = workload.label
     benchmark.extra_info.update({
         "workload": workload.label, "workload_name": workload.name, "sweep": workload.sweep,
         "dtype": workload.dtype_name, "numel": workload.numel, "n_tensors": len(workload.shapes),
         "contender": contender, "method": method, "family": family, "backend": backend,
-        "bytes_per_element": roofline.minimal_bytes(method, workload.param_bytes if method != "copy" else 4),
+        "state_bytes_per_statistic": state_bytes,
+        "bytes_per_element": roofline.minimal_bytes(method, workload.param_bytes if method != "copy" else 4,
+                                                    state_bytes),
     })
 
 
@@ -90,8 +93,9 @@ def test_step(benchmark, case, bench_device, rounds):
     with count_device_ops() as ops:
         contender.step(opt, data.loss)
 
-    describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend)
-    fused = (roofline.fused_bytes(contender.method, workload.param_bytes)
+    describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend,
+             contender.state_bytes)
+    fused = (roofline.fused_bytes(contender.method, workload.param_bytes, contender.state_bytes)
              if contender.backend in ("triton", "cuda") else None)
     benchmark.extra_info.update({
         "implemented_bytes_per_element": fused,

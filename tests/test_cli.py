@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lrfree import cli
-from lrfree.experiments.optimizers import CONTENDERS
+from lrfree.experiments.optimizers import CONTENDERS, contender
 
 TINY_TRAIN = ["--steps", "4", "--width", "16", "--layers", "1", "--heads", "2", "--context", "16", "--batch", "4",
               "--no-progress"]
@@ -61,7 +61,8 @@ def test_reproduce_quartic(tmp_path):
 def test_reproduce_lrfree(tmp_path):
     out = tmp_path / "lrfree"
     assert cli.main(["reproduce", "lrfree", "--tasks", "digits,digits-cnn,chargpt", "--methods",
-                     "PSDASGD,PSDASGD-averaging,SGD,Adam,GLyDER", "--seeds", "2", "--steps", "3", "--no-progress",
+                     "PSDASGD,PSDASGD-averaging,PSDASGD:bf16,SGD,Adam,AdamW:bf16,GLyDER", "--seeds", "2", "--steps",
+                     "3", "--no-progress",
                      "--out", str(out)]) == 0
     table = (out / "table.md").read_text()
     assert "MLP on 8×8 digits" in table and "CNN on 8×8 digits" in table and "char-GPT" in table
@@ -80,6 +81,17 @@ def test_reproduce_lrfree(tmp_path):
     # the paper's "momentum 0.9" as PS-DA-SGD's averaging: instead of the gradient EMA, not on top of it
     group = CONTENDERS["PSDASGD-averaging"].build([torch.zeros(2, requires_grad=True)], 1).param_groups[0]
     assert group["momentum"] == 0.9 and group["betas"] == (0.0, 0.999)
+    # NAME:bf16 is the same method with bf16 state, on the same seeds; a swept baseline keeps its sweep
+    assert rows["PSDASGD:bf16"]["lr"] is None and len(rows["PSDASGD:bf16"]["losses"]) == 2
+    assert rows["AdamW:bf16"]["swept"] == rows["Adam"]["swept"] and rows["AdamW:bf16"]["lr"] is not None
+    for name, lr in (("PSDASGD:bf16", None), ("AdamW:bf16", 1e-3)):
+        p = torch.zeros(2, requires_grad=True)
+        opt = contender(name).build([p], 1, lr)
+        p.grad = torch.ones(2)
+        opt.step()
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+    glyder = contender("GLyDER:bf16").build([torch.zeros(2, requires_grad=True)], 1)
+    assert glyder.base.state_dtype == glyder.state_dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -94,6 +106,8 @@ def test_reproduce_lrfree(tmp_path):
     (["reproduce", "quartic", "--l1", ","], "no L1 value given; choose from 1, 10, 100, 1000"),
     (["reproduce", "lrfree", "--tasks", "imagenet"], "unknown task(s) imagenet"),
     (["reproduce", "lrfree", "--seeds", "0"], "--seeds must be at least 1"),
+    (["reproduce", "lrfree", "--methods", "Adam:bf16"], "Adam is torch.optim's, which has no state_dtype"),
+    (["--optimizers", "PSDASGD:fp8"], "unknown optimizer 'PSDASGD:fp8'"),
     (["reproduce", "nothing"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path):

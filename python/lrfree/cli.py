@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "each optimizer, from the same seed and batches.")
     train.add_argument("--optimizers", default=TRAIN_DEFAULT,
                        help=f"comma-separated, from: {', '.join(CONTENDERS)} (GLyDER: around lrfree.Adam with the "
-                            "GNB curvature; GLyDER-split: with gradient='split')")
+                            "GNB curvature; GLyDER-split: with gradient='split'); NAME:bf16 for lrfree's NAME with "
+                            "its state in bf16 (state_dtype=torch.bfloat16)")
     train.add_argument("--adamw-lr", type=float, default=3e-3, help="the fixed lr of the baselines that take one "
                                                                     "(AdamW, Adam, SGD)")
     train.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     lrfree_.add_argument("--tasks", default="digits,chargpt", help="comma-separated: digits, digits-cnn, chargpt")
     from .experiments.paper_lrfree import DEFAULT_METHODS
     lrfree_.add_argument("--methods", default=DEFAULT_METHODS,
-                         help=f"comma-separated, from: {', '.join(CONTENDERS)}; AdamW, Adam and SGD get an lr sweep")
+                         help=f"comma-separated, from: {', '.join(CONTENDERS)}; AdamW, Adam and SGD get an lr sweep; "
+                              "NAME:bf16 for lrfree's NAME with its state in bf16 (state_dtype=torch.bfloat16)")
     lrfree_.add_argument("--seeds", type=int, default=3, help="seeds per method (mean ± std)")
     lrfree_.add_argument("--steps", type=int, default=None,
                          help="steps per run (default: 500 digits and digits-cnn, 300 chargpt)")

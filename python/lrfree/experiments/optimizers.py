@@ -1,8 +1,10 @@
 """The optimizers the experiments compare, by name: lrfree's methods with no learning rate, and the
-tuned baselines (a fixed or swept ``lr``)."""
+tuned baselines (a fixed or swept ``lr``). ``NAME:bf16`` is lrfree's optimizer NAME with its statistics
+stored in bf16 (``state_dtype=torch.bfloat16``, lrfree.precision), compared on the same seeds."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,18 +19,26 @@ from .output import UsageError
 @dataclass(frozen=True)
 class Contender:
     name: str
-    make: Callable  # (params, steps, lr) -> optimizer; lr is None for learning-rate-free methods
+    # (params, steps, lr, **options) -> optimizer; lr is None for learning-rate-free methods, options are
+    # lrfree's optimizer-wide ones (state_dtype)
+    make: Callable
     live: tuple[str, ...] = ()  # step scalars shown live; the first is recorded and plotted (its step size)
     takes_lr: bool = False  # a baseline whose lr is fixed (train) or swept (reproduce lrfree)
+    options: tuple[tuple[str, object], ...] = ()
 
     def build(self, params, steps: int, lr: float | None = None):
         if self.takes_lr and lr is None:
             raise UsageError(f"{self.name} needs a learning rate")
-        return self.make(params, steps, lr)
+        return self.make(params, steps, lr, **dict(self.options))
 
 
 def _free(cls, **kwargs):
-    return lambda params, steps, lr: cls(params, **kwargs)
+    return lambda params, steps, lr, **options: cls(params, **kwargs, **options)
+
+
+def _torch(cls, **kwargs):
+    """A torch.optim baseline: it takes none of lrfree's options."""
+    return lambda params, steps, lr: cls(params, lr=lr, **kwargs)
 
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in [
@@ -38,27 +48,38 @@ CONTENDERS: dict[str, Contender] = {c.name: c for c in [
     Contender("PSDASGD-averaging", _free(lrfree.PSDASGD, momentum=0.9, betas=(0.0, 0.999)), ("step_size", "d")),
     Contender("PSDASGD-capped", _free(lrfree.PSDASGD, growth_rate=1.2), ("step_size", "d")),
     Contender("PSSPS", _free(lrfree.PSSPS), ("step_size",)),
-    Contender("InexactPolyak", lambda params, steps, lr: lrfree.InexactPolyak(params, T=steps), ("step_size",)),
+    Contender("InexactPolyak", lambda params, steps, lr, **o: lrfree.InexactPolyak(params, T=steps, **o),
+              ("step_size",)),
     Contender("Prodigy", _free(lrfree.Prodigy), ("step_size", "d")),
     Contender("DAdaptAdam", _free(lrfree.DAdaptAdam), ("step_size", "d")),
     Contender("DAdaptSGD", _free(lrfree.DAdaptSGD), ("step_size", "d")),
     Contender("DoG", _free(lrfree.DoG), ("eta",)),
     Contender("SPS", _free(lrfree.SPS), ("step_size",)),
     Contender("COCOB", _free(lrfree.COCOB)),
-    Contender("GLyDER", lambda params, steps, lr: lrfree.GLyDER(lrfree.Adam(params)), ("step_size",)),
-    Contender("GLyDER-split", lambda params, steps, lr: lrfree.GLyDER(lrfree.Adam(params), gradient="split"),
-              ("step_size",)),
-    Contender("AdamW", lambda params, steps, lr: lrfree.AdamW(params, lr=lr, weight_decay=0.0), ("lr",), True),
-    Contender("Adam", lambda params, steps, lr: torch.optim.Adam(params, lr=lr), ("lr",), True),
-    Contender("SGD", lambda params, steps, lr: torch.optim.SGD(params, lr=lr, momentum=0.9), ("lr",), True),
+    Contender("GLyDER", lambda params, steps, lr, **o: lrfree.GLyDER(lrfree.Adam(params, **o)), ("step_size",)),
+    Contender("GLyDER-split", lambda params, steps, lr, **o: lrfree.GLyDER(lrfree.Adam(params, **o),
+                                                                           gradient="split"), ("step_size",)),
+    Contender("AdamW", lambda params, steps, lr, **o: lrfree.AdamW(params, lr=lr, weight_decay=0.0, **o), ("lr",),
+              True),
+    Contender("Adam", _torch(torch.optim.Adam), ("lr",), True),
+    Contender("SGD", _torch(torch.optim.SGD, momentum=0.9), ("lr",), True),
 ]}
+TORCH_BASELINES = ("Adam", "SGD")
+BF16_STATE = ":bf16"  # the suffix of a contender stepped with state_dtype=torch.bfloat16
 
 
 def contender(name: str) -> Contender:
-    found = CONTENDERS.get(name)
+    base_name = name.removesuffix(BF16_STATE)
+    found = CONTENDERS.get(base_name)
     if found is None:
-        raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(CONTENDERS)}")
-    return found
+        raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(CONTENDERS)}, each of lrfree's "
+                         f"also as NAME{BF16_STATE} (its state in bf16)")
+    if name == base_name:
+        return found
+    if base_name in TORCH_BASELINES:
+        raise UsageError(f"{name!r}: {base_name} is torch.optim's, which has no state_dtype; "
+                         f"AdamW{BF16_STATE} is lrfree's AdamW with bf16 state")
+    return dataclasses.replace(found, name=name, options=(("state_dtype", torch.bfloat16),))
 
 
 def parse_names(text: str) -> list[Contender]:

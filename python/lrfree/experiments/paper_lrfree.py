@@ -17,12 +17,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import chargpt
-from .optimizers import Contender, backward, parse_names, step
+from .optimizers import BF16_STATE, Contender, backward, parse_names, step
 from .output import Output, UsageError, markdown_table, mean_std, new_figure
 
 DEFAULT_METHODS = "SGD,SPS,DoG,DAdaptSGD,DAdaptAdam,Prodigy,COCOB,PSSPS,PSDASGD,Adam"
 SWEEPS = {"SGD": (1e-2, 3e-2, 1e-1, 3e-1, 1.0), "Adam": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
           "AdamW": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)}
+
+
+def _sweep(c: Contender) -> tuple[float, ...]:
+    """The lrs a baseline is swept over (``AdamW:bf16`` as AdamW); none for a learning-rate-free method."""
+    return SWEEPS.get(c.name.removesuffix(BF16_STATE), ()) if c.takes_lr else ()
 
 
 @dataclass
@@ -122,7 +127,7 @@ def _finite(v: float) -> float:
 
 def run_task(task: Task, contenders: list[Contender], seeds: int, steps: int, device, progress: bool) -> list[dict]:
     data = task.load()
-    configs = [(c, lr) for c in contenders for lr in (SWEEPS.get(c.name, (None,)) if c.takes_lr else (None,))]
+    configs = [(c, lr) for c in contenders for lr in (_sweep(c) or (None,))]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -148,7 +153,7 @@ def run_task(task: Task, contenders: list[Contender], seeds: int, steps: int, de
         curve = [sum(vals) / len(vals) for vals in zip(*(r.curve for r in runs))]
         sweep = {f"{cand:g}": mean_std([_finite(r.val_loss) for r in cand_runs])[0]
                  for cand, cand_runs in candidates if cand is not None}
-        rows.append({"method": c.name, "lr": lr, "swept": list(SWEEPS.get(c.name, ())) if c.takes_lr else [],
+        rows.append({"method": c.name, "lr": lr, "swept": list(_sweep(c)),
                      "sweep_val_loss": sweep,
                      "val_loss": mean_std(losses), "val_accuracy": mean_std(accs) if accs else None,
                      "losses": losses, "curve": curve})
