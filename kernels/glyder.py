@@ -54,8 +54,8 @@ def _direction(m, v, x, row, ACC: tl.constexpr, DECOUPLED: tl.constexpr):
 @triton.jit
 def _stats_kernel(x_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, a_ptrs, gnb_ptrs, numels, block_tensor, block_start,
                   table, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr, S: tl.constexpr,
-                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr, HAS_DECAY: tl.constexpr,
-                  GUARD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                  DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_PROBE: tl.constexpr, HAS_GNB: tl.constexpr,
+                  HAS_DECAY: tl.constexpr, GUARD: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """Partials per block: ⟨a, d⟩, ‖d‖², ⟨ĝ, d⟩, ⟨g, d⟩, and under GUARD Σg², Σĝ², Σa² (columns K = 7; else K
     = 4 and m, v are stored where the step is accepted)."""
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)

@@ -140,7 +140,8 @@ def _hyperparameters(opt, batch, lr: float) -> torch.Tensor:
 @triton.jit
 def _prodigy_stats_kernel(x_ptrs, g_ptrs, p0_ptrs, s_ptrs, m_ptrs, v_ptrs, numels, block_tensor, block_start,
                           slice_vec, decay_vec, s_coef_vec, coeffs, ok, partials, sr_seeds, X: tl.constexpr,
-                          ACC: tl.constexpr, S: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr, SLICED: tl.constexpr,
+                          ACC: tl.constexpr, S: tl.constexpr, COUPLED: tl.constexpr, HAS_M: tl.constexpr,
+                          SLICED: tl.constexpr,
                           BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     accept = (tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0

@@ -70,7 +70,8 @@ def _start_kernel(g_ptrs, v_ptrs, vmax_ptrs, numels, block_tensor, block_start, 
 @triton.jit
 def _step_kernel(x_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs, x0_ptrs, numels, block_tensor, block_start,
                  c, decay_vec, dlr_ptr, averaging, ok, partials, sr_seeds, X: tl.constexpr, ACC: tl.constexpr,
-                 S: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr, AVERAGING: tl.constexpr,
+                 S: tl.constexpr, SCALED: tl.constexpr, AMSGRAD: tl.constexpr, HAS_M: tl.constexpr,
+                 AVERAGING: tl.constexpr,
                  SR: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     pid, t, offs, mask = program_elements(numels, block_tensor, block_start, BLOCK, ALIGNED)
     store = mask & ((tl.zeros([BLOCK], dtype=tl.int32) + tl.load(ok)) != 0)

@@ -74,15 +74,17 @@ def test_statistics_are_stored_in_bf16_and_anchors_keep_their_dtype(case):
         assert float(opt.scalars()["steps"]) == 1
 
 
-def test_state_bytes_per_parameter():
-    """What the README's methods table lists (fp32 parameters, default options)."""
-    assert precision.state_bytes(lrfree.AdamW, torch.float32) == 8
-    assert precision.state_bytes(lrfree.AdamW, BF16) == 4
-    assert precision.state_bytes(lrfree.PSDASGD, torch.float32) == 12
-    assert precision.state_bytes(lrfree.PSDASGD, BF16) == 6
-    assert precision.state_bytes(lrfree.Prodigy, torch.float32) == 16
-    assert precision.state_bytes(lrfree.Prodigy, BF16) == 10  # p0, the anchor, stays fp32
-    assert precision.state_bytes(lrfree.SPS, BF16) == 0
+# the README's methods table: state bytes per fp32 parameter element, default options, (fp32, bf16 state)
+README_STATE_BYTES = {"InexactPolyak": (0, 0), "PSSPS": (4, 2), "PSDASGD": (12, 6), "SPS": (0, 0), "DecSPS": (0, 0),
+                      "AdaSPS": (0, 0), "ClippedSGD": (0, 0), "DoG": (4, 4), "LDoG": (4, 4), "DAdaptSGD": (8, 6),
+                      "DAdaptAdam": (12, 6), "Prodigy": (16, 10), "COCOB": (20, 12), "Adam": (8, 4), "AdamW": (8, 4)}
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda info: info.name)
+def test_state_bytes_per_parameter_are_the_readmes(info):
+    fp32, bf16 = README_STATE_BYTES[info.name]
+    assert precision.state_bytes(info.cls, torch.float32, **info.kwargs) == fp32
+    assert precision.state_bytes(info.cls, BF16, **info.kwargs) == bf16
 
 
 # ------------------------------------------------------------------------------------------ the store

@@ -70,7 +70,7 @@ class StepBatch:
     inputs: StepInputs
     device: torch.device
     optimizer: "FusedOptimizer"
-    sr_base: torch.Tensor | None = None  # 0-d int64 step seed under stochastic rounding, else None
+    sr_base: torch.Tensor | None = None  # 0-d int64 step seed under stochastic rounding (params or state), else None
     found_inf: torch.Tensor | None = None  # GradScaler's flag, as it handed it over (rule kernels read it)
     ok_i32: torch.Tensor | None = None  # the accept flag a rule kernel wrote (int32), for the apply pass
 

@@ -12,10 +12,13 @@ into its compute dtype and hands new values to a store that rounds them (``Chunk
   precision.
 * A bf16 state tensor is written by stochastic rounding: the fp32 value's low 16 bits are dithered and
   truncated, so the stored value is unbiased (E[stored] = value), and an EMA update ``β v + (1 − β) g²``
-  smaller than v's rounding step still moves v on average instead of never (round to nearest would freeze
-  v once ``(1 − β2) g²`` falls below half an ulp of v, 2⁻⁹ v). The dither bits are the parameters' own
-  counter-based hash (``kernels.rounding``), drawn with a seed per (step, tensor, state key): the torch
-  reference and the fused kernels store bit-identical state, and a step is reproducible.
+  smaller than v's rounding step still moves v on average instead of never (round to nearest freezes v
+  once ``(1 − β2)(g² − v)`` falls below half of v's rounding step, 2⁻⁹ v). The price is noise: each
+  write adds an error of at most one rounding step, so an EMA keeps a random walk of standard deviation
+  ≤ (step / 2) / √(1 − β²) around the fp32 value, and a running sum (COCOB's, D-Adaptation's s) one that
+  grows as √(steps). The dither bits are the parameters' own counter-based hash (``kernels.rounding``),
+  drawn with a seed per (step, tensor, state key): the torch reference and the fused kernels round the
+  same value to the same bits, and a step is reproducible.
 """
 
 from __future__ import annotations

@@ -207,6 +207,7 @@ class Layout:
         row_start = (torch.arange(self.n_rows) - torch.tensor(first, dtype=torch.long)[row_tensor]) * WIDTH
         self.row_start = _to_device(row_start.reshape(-1, 1), device)
         self._buffers: dict[tuple, tuple[torch.Tensor, dict]] = {}
+        self._element_index: torch.Tensor | None = None
         self.sliced: dict[int, Layout] = {}  # the layouts of Chunk.every
         self.take_index: torch.Tensor | None = None
         self._step: object = None
@@ -218,6 +219,14 @@ class Layout:
         self.partial_rows = _to_device(torch.tensor([r for r, _ in partial], dtype=torch.long), device)
         self.partial_mask = _to_device(torch.arange(WIDTH) < torch.tensor([k for _, k in partial],
                                                                           dtype=torch.long).reshape(-1, 1), device)
+
+    def element_index(self, width: int) -> torch.Tensor:
+        """(rows, width) int32: each element's position within its tensor, the index stochastic rounding
+        draws its bits by (kept: it depends on the layout only)."""
+        index = self._element_index
+        if index is None or index.shape[1] != width:
+            index = self._element_index = as_int32(self.row_start + torch.arange(width, device=self.device))
+        return index
 
     def views(self, matrix: torch.Tensor, flat: bool = False) -> list[torch.Tensor]:
         """One view of ``matrix`` per tensor, shaped like its parameter (``flat``: 1-d)."""
@@ -404,8 +413,8 @@ class Chunk:
         seeds = tensor_seed(batch.sr_base, batch.index(it.flat_index for it in self.items))
         if salt is not None:
             seeds = mix32(seeds ^ salt)
-        index = self.layout.row_start + torch.arange(new.shape[1], device=new.device)
-        return stochastic_round_bf16(new, seeds.index_select(0, self.layout.row_tensor).unsqueeze(1), index)
+        return stochastic_round_bf16(new, seeds.index_select(0, self.layout.row_tensor).unsqueeze(1),
+                                     self.layout.element_index(new.shape[1]))
 
     # -- per-tensor fp64 reductions: (len(chunk),) vectors -------------------------------------------
     # In fp32 (and bf16/fp16) a tensor's sum is a sum of row sums, fp64 all the way, in another order than
@@ -596,16 +605,34 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def stochastic_round_bf16(value: torch.Tensor, seed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """``value`` (fp32) stochastically rounded to bf16 with the bits the fused kernels draw for a tensor
     whose step seed is ``seed`` (0-d int64): element i is dithered by ``mix32(i ^ seed) & 0xFFFF``.
-    ``index`` (int64, broadcastable to ``value``; default: the element's position) and ``seed`` may also
-    give each element its own index and seed (a chunk's matrix: per-row seeds, positions within each
-    tensor)."""
+    ``index`` (int64 or int32, broadcastable to ``value``; default: the element's position) and ``seed`` may
+    also give each element its own index and seed (a chunk's matrix: per-row seeds, positions within each
+    tensor).
+
+    The hash runs on int32 tensors holding the uint32 bits, in place: the multiplication wraps modulo 2³²
+    as the kernels' uint32 one does, and a shift right is masked to its 16 low bits, which makes the
+    arithmetic shift of int32 a logical one. On int64 with a mask after every operation (as :func:`mix32`)
+    it was 3× slower on a CPU: a bf16-state Adam step on GPT-2's layout spent most of its time here."""
     if index is None:
-        index = torch.arange(value.numel(), device=value.device, dtype=torch.int64).view(value.shape)
-    bits = mix32((index & _MASK32) ^ seed) & 0xFFFF
-    raw = value.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & _MASK32
-    dithered = (raw + bits) & 0xFFFF0000
-    dithered = torch.where(dithered >= 2**31, dithered - 2**32, dithered).to(torch.int32).view(torch.float32)
-    return torch.where(value.isnan(), value.to(torch.bfloat16), dithered.to(torch.bfloat16))
+        index = torch.arange(value.numel(), device=value.device, dtype=torch.int32).view(value.shape)
+    x = torch.bitwise_xor(as_int32(index), as_int32(seed))
+    if x.shape != value.shape:
+        x = x.expand(value.shape).contiguous()
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)).mul_(_MIX)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)).bitwise_and_(0xFFFF)
+    x.add_(value.to(torch.float32).contiguous().view(torch.int32)).bitwise_and_(-0x10000)  # & 0xFFFF0000
+    # the low 16 bits are zero, so the conversion to bf16 is exact
+    rounded = x.view(torch.float32).to(torch.bfloat16)
+    return torch.where(value.isnan(), value.to(torch.bfloat16), rounded)
+
+
+def as_int32(t: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor's low 32 bits as int32 (the uint32 value's bits); an int32 tensor as it is."""
+    if t.dtype == torch.int32:
+        return t
+    low = t & _MASK32
+    return torch.where(low >= 2**31, low - 2**32, low).to(torch.int32)
 
 
 def step_seed(counter: torch.Tensor) -> torch.Tensor:
