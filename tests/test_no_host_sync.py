@@ -29,11 +29,12 @@ def forbid_syncs(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, make(name))
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_step_reads_nothing_back(info, monkeypatch):
+def test_step_reads_nothing_back(info, state_dtype, monkeypatch):
     params = make_params(torch.float32)
     opt = info.make(param_groups(params, {"weight_decay": 0.01}
-                                 if "weight_decay" in info.cls.hyperparameters else None))
+                                 if "weight_decay" in info.cls.hyperparameters else None), state_dtype=state_dtype)
     losses = []
     for t in range(3):
         opt.zero_grad()
@@ -78,15 +79,16 @@ def test_the_guard_catches_a_sync(monkeypatch):
             max(t, torch.zeros(()))
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_fused_step_reads_nothing_back(info, monkeypatch):
+def test_fused_step_reads_nothing_back(info, state_dtype, monkeypatch):
     """The fused backend's orchestration (rules, coefficient vectors, reductions of partials) makes no
     host read either. Triton's CPU interpreter reads kernel arguments on the host by design, so the
     guard is lifted inside kernel launches only; on CUDA the sync-debug test below covers those too."""
     from lrfree.kernels import multi_tensor
 
     params = make_params(torch.float32, device="cuda" if torch.cuda.is_available() else "cpu")
-    opt = info.make(param_groups(params), backend="triton")
+    opt = info.make(param_groups(params), backend="triton", state_dtype=state_dtype)
     for t in range(2):
         opt.zero_grad()
         loss = loss_fn(params, t)
