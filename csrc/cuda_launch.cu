@@ -44,12 +44,13 @@ static void check(cudaError_t err, const std::string& what) {
 }
 
 void launch(const std::string& name, int64_t grid, const std::vector<int64_t>& pointers,
-            const std::vector<int64_t>& flags, int dtype, int64_t block, int64_t stream, int device) {
+            const std::vector<int64_t>& flags, int dtype, int state_dtype, int64_t block, int64_t stream,
+            int device) {
   int previous = 0;
   check(cudaGetDevice(&previous), "cudaGetDevice");
   if (previous != device) check(cudaSetDevice(device), "cudaSetDevice");
   auto s = reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(stream));
-  dispatch(name, grid, pointers, flags, dtype, block, [&](int64_t n, const auto& body) {
+  dispatch(name, grid, pointers, flags, dtype, state_dtype, block, [&](int64_t n, const auto& body) {
     if (n > 0x7fffffff) throw std::invalid_argument("lrfree CUDA extension: grid too large");
     program<<<unsigned(n), kThreads, 0, s>>>(body);
   });

@@ -56,9 +56,10 @@ struct HostCtx {
 }  // namespace
 
 void launch(const std::string& name, int64_t grid, const std::vector<int64_t>& pointers,
-            const std::vector<int64_t>& flags, int dtype, int64_t block, int64_t /*stream*/, int /*device*/) {
+            const std::vector<int64_t>& flags, int dtype, int state_dtype, int64_t block, int64_t /*stream*/,
+            int /*device*/) {
   Slots slots;
-  dispatch(name, grid, pointers, flags, dtype, block, [&](int64_t n, const auto& body) {
+  dispatch(name, grid, pointers, flags, dtype, state_dtype, block, [&](int64_t n, const auto& body) {
     for (int64_t pid = 0; pid < n; ++pid) {
       for (int64_t tid = kThreads - 1; tid >= 0; --tid) {
         HostCtx ctx{pid, tid, kThreads, &slots};

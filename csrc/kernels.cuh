@@ -11,7 +11,9 @@
 // argument: int64 tables of data pointers per slot, int64 element counts, int32 block → tensor map,
 // int64 first element of every block (64-bit offsets), fp64 coefficient vectors, int32 flags, and
 // per-program partials (the accumulation dtype) that multi_tensor.per_tensor reduces per tensor in a
-// fixed order in fp64 — no atomics anywhere, so a step run twice is bit-identical.
+// fixed order in fp64 — no atomics anywhere, so a step run twice is bit-identical. Kernels are templates
+// over the parameters' storage type X, the state's S (X's accumulation type, or bf16) and SR (bf16
+// parameters stored by stochastic rounding), the Triton kernels' X, S and SR constants.
 #pragma once
 
 #include <cmath>
@@ -84,6 +86,87 @@ template <> struct Store<f16> { LRF_HD static f16 from(float v) { return to_f16(
 
 template <typename X, typename A> LRF_HD A load(const X* p, int64_t i) { return A(to_float(p[i])); }
 template <typename X, typename A> LRF_HD void store(X* p, int64_t i, A v) { p[i] = Store<X>::from(v); }
+
+// ------------------------------------------------------------------------------- stochastic rounding
+// kernels/rounding.py bit for bit, so that every backend stores the same bf16 parameters and state. The
+// dither of element i of a tensor is mix32(uint32(i) ^ seed) & 0xFFFF, with the tensor's step seed
+// (sr_seeds[t], int64 values below 2^32) for a parameter and mix32(seed ^ salt) for a state key. All
+// arithmetic is on uint32_t, which wraps mod 2^32 as Triton's uint32 does.
+
+LRF_HD uint32_t mix32(uint32_t x) {  // kernels/rounding.py mix32: two multiply-xorshift rounds
+  x = (x ^ (x >> 16)) * 0x45D9F3Bu;
+  x = (x ^ (x >> 16)) * 0x45D9F3Bu;
+  return x ^ (x >> 16);
+}
+
+LRF_HD uint32_t float_bits(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);  // a device intrinsic: the host pass of nvcc takes the memcpy below
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+// `value` stochastically rounded to bf16 (kernels/rounding.py _stochastic_bf16): its fp32 bits plus 16
+// dither bits, truncated, so the magnitude rounds up with probability remainder / ulp. The truncated value
+// is a bf16 value, so its top half is the bf16 Triton's conversion stores. NaN is rounded to nearest, as
+// there (a dither could carry its payload into the sign bit).
+LRF_HD bf16 stochastic_bf16(float value, uint32_t seed, int64_t index) {
+  if (value != value) return to_bf16(value);
+  uint32_t dither = mix32(uint32_t(index) ^ seed) & 0xFFFFu;
+  return bf16{uint16_t((float_bits(value) + dither) >> 16)};
+}
+
+// The state keys' salts, lrfree.precision.salt(key) = zlib.crc32(key) & 0x7FFFFFFF. Constants here as in the
+// Triton kernels (kernels/rounding.py SALT_*, compile-time constants of each store), so that a launch passes
+// the Triton twin's arguments and nothing more; tests/test_cuda_ext.py checks them against
+// lrfree.precision.salt through the bindings' salts().
+constexpr uint32_t kSaltExpAvg = 0x2A894737u;      // "exp_avg"
+constexpr uint32_t kSaltExpAvgSq = 0x31C9CA79u;    // "exp_avg_sq"
+constexpr uint32_t kSaltMaxExpAvgSq = 0x22BAF989u; // "max_exp_avg_sq"
+constexpr uint32_t kSaltS = 0x1B0ECF0Bu;           // "s"
+
+template <typename S> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<bf16> { static constexpr bool value = true; };
+
+// Tensor t's dither seeds for a launch whose state is stored in S and whose parameters are stochastically
+// rounded under SR. sr_seeds is read only when something is rounded stochastically: otherwise the launch
+// passes a placeholder, as the Triton kernels' callers do (kernels/rounding.py rounding).
+template <typename S, bool SR> struct Seeds {
+  uint32_t param = 0;
+  LRF_HD Seeds(const int64_t* sr_seeds, int64_t t) {
+    if (SR || IsBf16<S>::value) param = uint32_t(sr_seeds[t]);
+  }
+  // the seed of a state key (to_state): the parameter's seed salted by the key
+  LRF_HD uint32_t state(uint32_t salt) const { return IsBf16<S>::value ? mix32(param ^ salt) : 0u; }
+};
+
+// to_state of kernels/rounding.py: bf16 state by stochastic rounding with its key's seed, state in the
+// accumulation type as it is. Element i of the state tensor is dithered by index i.
+template <typename S> struct StateStore {
+  template <typename A> LRF_HD static S from(A v, uint32_t, int64_t) { return Store<S>::from(v); }
+};
+template <> struct StateStore<bf16> {
+  LRF_HD static bf16 from(float v, uint32_t seed, int64_t i) { return stochastic_bf16(v, seed, i); }
+};
+template <typename S, typename A> LRF_HD void store_state(S* p, int64_t i, A v, uint32_t seed) {
+  p[i] = StateStore<S>::from(v, seed, i);
+}
+
+// to_param of kernels/rounding.py: a new parameter value, stochastically rounded under SR (bf16 parameters
+// only, which accumulate in fp32), else rounded to nearest.
+template <typename X, bool SR> struct ParamStore {
+  static_assert(!SR, "stochastic rounding stores bf16 parameters only");
+  template <typename A> LRF_HD static X from(A v, uint32_t, int64_t) { return Store<X>::from(v); }
+};
+template <> struct ParamStore<bf16, true> {
+  LRF_HD static bf16 from(float v, uint32_t seed, int64_t i) { return stochastic_bf16(v, seed, i); }
+};
+template <typename X, bool SR, typename A> LRF_HD void store_param(X* p, int64_t i, A v, uint32_t seed) {
+  p[i] = ParamStore<X, SR>::from(v, seed, i);
+}
 
 template <typename T> LRF_HD T* slot_ptr(const int64_t* table, int64_t t) {
   return reinterpret_cast<T*>(static_cast<uintptr_t>(table[t]));
@@ -184,9 +267,10 @@ LRF_HD void segment_reduce(Ctx& ctx, const SegmentReduceArgs& a, int64_t k_cols,
 struct SgdApplyArgs {
   const int64_t* x; const int64_t* g; const int64_t* best; const int64_t* numels; const int32_t* bt;
   const int64_t* bs; const double* coef; const double* decay; const int32_t* ok; const int32_t* copy_best;
+  const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, bool SR, class Ctx>
 LRF_HD void sgd_apply(Ctx& ctx, const SgdApplyArgs& a, int64_t block, bool has_decay, bool track_best) {
   using A = typename Acc<X>::type;
   if (*a.ok == 0) return;
@@ -196,20 +280,22 @@ LRF_HD void sgd_apply(Ctx& ctx, const SgdApplyArgs& a, int64_t block, bool has_d
   X* best = slot_ptr<X>(a.best, s.t);
   A coef = A(a.coef[s.t]), decay = has_decay ? A(a.decay[s.t]) : A(0);
   bool copy = track_best && *a.copy_best != 0;
+  Seeds<A, SR> seeds(a.sr_seeds, s.t);
   LRF_FOR(ctx, s, i) {
     A xi = load<X, A>(x, i), gi = load<X, A>(g, i);
     if (has_decay) gi = gi + decay * xi;
     if (copy) store<X, A>(best, i, xi);
-    store<X, A>(x, i, xi - coef * gi);
+    store_param<X, SR, A>(x, i, xi - coef * gi, seeds.param);
   }
 }
 
 struct AdamArgs {
   const int64_t* x; const int64_t* g; const int64_t* m; const int64_t* v; const int64_t* vmax;
   const int64_t* numels; const int32_t* bt; const int64_t* bs; const double* table; const int32_t* ok;
+  const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, bool SR, class Ctx>
 LRF_HD void adam(Ctx& ctx, const AdamArgs& a, int64_t block, bool decoupled, bool amsgrad) {
   using A = typename Acc<X>::type;
   if (*a.ok == 0) return;
@@ -218,21 +304,28 @@ LRF_HD void adam(Ctx& ctx, const AdamArgs& a, int64_t block, bool decoupled, boo
   const double* row = a.table + 10 * s.t;
   X* x = slot_ptr<X>(a.x, s.t);
   const X* g = slot_ptr<const X>(a.g, s.t);
-  A* m = slot_ptr<A>(a.m, s.t);
-  A* v = slot_ptr<A>(a.v, s.t);
-  A* vmax = slot_ptr<A>(a.vmax, s.t);
+  S* m = slot_ptr<S>(a.m, s.t);
+  S* v = slot_ptr<S>(a.v, s.t);
+  S* vmax = slot_ptr<S>(a.vmax, s.t);
   A b1 = A(row[0]), c1 = A(row[1]), b2 = A(row[2]), c2 = A(row[3]), eps = A(row[4]), wd = A(row[5]);
   A shrink = A(row[6]), lr = A(row[7]), sqrt_bc2 = A(row[8]), sign = A(row[9]);
+  Seeds<S, SR> seeds(a.sr_seeds, s.t);
+  const uint32_t m_seed = seeds.state(kSaltExpAvg), v_seed = seeds.state(kSaltExpAvgSq);
+  const uint32_t vmax_seed = seeds.state(kSaltMaxExpAvgSq);
   LRF_FOR(ctx, s, i) {
     A xi = load<X, A>(x, i), gi = load<X, A>(g, i) * sign;
     if (decoupled) xi = xi * shrink; else gi = gi + wd * xi;
-    A mi = b1 * m[i] + c1 * gi;
-    A vi = b2 * v[i] + c2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    if (amsgrad) { vi = vmax[i] > vi ? vmax[i] : vi; vmax[i] = vi; }
-    A denom = sqrt(vi) / sqrt_bc2 + eps;
-    store<X, A>(x, i, xi - lr * (mi / denom));
+    A mi = b1 * load<S, A>(m, i) + c1 * gi;
+    A vi = b2 * load<S, A>(v, i) + c2 * gi * gi;
+    store_state(m, i, mi, m_seed);
+    store_state(v, i, vi, v_seed);
+    if (amsgrad) {
+      A vmax_i = load<S, A>(vmax, i);
+      vi = vmax_i > vi ? vmax_i : vi;
+      store_state(vmax, i, vi, vmax_seed);
+    }
+    A denom = sqrt(vi) / sqrt_bc2 + eps;  // from the moments as computed, not as stored (as in Triton)
+    store_param<X, SR, A>(x, i, xi - lr * (mi / denom), seeds.param);
   }
 }
 
@@ -240,10 +333,10 @@ struct DAdaptAdamArgs {
   const int64_t* x; const int64_t* g; const int64_t* s; const int64_t* m; const int64_t* v;
   const int64_t* numels; const int32_t* bt; const int64_t* bs; const double* eps; const double* decay;
   const double* scale; const double* adapting; const double* dlr; const int32_t* ok; void* partials;
-  const double* coeffs;
+  const double* coeffs; const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, bool SR, class Ctx>
 LRF_HD void dadapt_adam(Ctx& ctx, const DAdaptAdamArgs& a, int64_t block, bool decouple) {
   using A = typename Acc<X>::type;
   Span sp = span_of(ctx, a.numels, a.bt, a.bs, block);
@@ -255,24 +348,30 @@ LRF_HD void dadapt_adam(Ctx& ctx, const DAdaptAdamArgs& a, int64_t block, bool d
   bool adapting = a.adapting[t] != 0;
   X* x = slot_ptr<X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
-  A* s = slot_ptr<A>(a.s, t);
-  A* m = slot_ptr<A>(a.m, t);
-  A* v = slot_ptr<A>(a.v, t);
+  S* s = slot_ptr<S>(a.s, t);
+  S* m = slot_ptr<S>(a.m, t);
+  S* v = slot_ptr<S>(a.v, t);
+  Seeds<S, SR> seeds(a.sr_seeds, t);
+  const uint32_t s_seed = seeds.state(kSaltS), m_seed = seeds.state(kSaltExpAvg), v_seed = seeds.state(kSaltExpAvgSq);
   A num = 0, l1 = 0;
   LRF_FOR(ctx, sp, i) {
-    A xi = load<X, A>(x, i), mi = m[i], vi = v[i];
+    A xi = load<X, A>(x, i), mi = load<S, A>(m, i), vi = load<S, A>(v, i);
     if (adapting) {
       A gi = load<X, A>(g, i);
       if (!decouple) gi = gi + decay * xi;
-      A si = s[i];
+      A si = load<S, A>(s, i);
       num += gi * (si / (sqrt(vi) + eps));
       mi = b1 * mi + (scale * dlr * c1) * gi;
       vi = b2 * vi + c2 * gi * gi;
       si = sqrt_b2 * si + (dlr * c_sqrt_b2) * gi;
       l1 += fabs(si);
-      if (accept) { m[i] = mi; v[i] = vi; s[i] = si; }
+      if (accept) {
+        store_state(m, i, mi, m_seed);
+        store_state(v, i, vi, v_seed);
+        store_state(s, i, si, s_seed);
+      }
       if (decouple) xi = xi - decay * dlr * xi;  // decay = c·wd: part of the group's step
-      if (accept) store<X, A>(x, i, xi - mi / (sqrt(vi) + eps));
+      if (accept) store_param<X, SR, A>(x, i, xi - mi / (sqrt(vi) + eps), seeds.param);
     }  // lr = 0: the group's step is 0, x is left as it is
   }
   store_partial(ctx, a.partials, 2, 0, ctx.sum(num));
@@ -282,10 +381,10 @@ LRF_HD void dadapt_adam(Ctx& ctx, const DAdaptAdamArgs& a, int64_t block, bool d
 struct ProdigyStatsArgs {
   const int64_t* x; const int64_t* g; const int64_t* p0; const int64_t* s; const int64_t* m; const int64_t* v;
   const int64_t* numels; const int32_t* bt; const int64_t* bs; const int64_t* slices; const double* decay;
-  const double* s_coef; const double* coeffs; const int32_t* ok; void* partials;
+  const double* s_coef; const double* coeffs; const int32_t* ok; void* partials; const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, class Ctx>
 LRF_HD void prodigy_stats(Ctx& ctx, const ProdigyStatsArgs& a, int64_t block, bool coupled, bool has_m) {
   using A = typename Acc<X>::type;
   Span sp = span_of(ctx, a.numels, a.bt, a.bs, block);
@@ -297,23 +396,26 @@ LRF_HD void prodigy_stats(Ctx& ctx, const ProdigyStatsArgs& a, int64_t block, bo
   const X* x = slot_ptr<const X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
   const X* p0 = slot_ptr<const X>(a.p0, t);
-  A* s = slot_ptr<A>(a.s, t);
-  A* m = slot_ptr<A>(a.m, t);
-  A* v = slot_ptr<A>(a.v, t);
+  S* s = slot_ptr<S>(a.s, t);
+  S* m = slot_ptr<S>(a.m, t);
+  S* v = slot_ptr<S>(a.v, t);
+  // the stats pass stores state only: its parameters are stored by the apply pass
+  Seeds<S, false> seeds(a.sr_seeds, t);
+  const uint32_t s_seed = seeds.state(kSaltS), m_seed = seeds.state(kSaltExpAvg), v_seed = seeds.state(kSaltExpAvgSq);
   A num = 0, l1 = 0;
   LRF_FOR(ctx, sp, i) {
     A xi = load<X, A>(x, i), gi = load<X, A>(g, i);
     if (coupled) gi = gi + decay * xi;
     if (has_m) {
-      A mi = b1 * m[i] + c1 * gi;
-      if (accept) m[i] = mi;
+      A mi = b1 * load<S, A>(m, i) + c1 * gi;
+      if (accept) store_state(m, i, mi, m_seed);
     }
-    A vi = b2 * v[i] + c2 * gi * gi;
-    if (accept) v[i] = vi;
+    A vi = b2 * load<S, A>(v, i) + c2 * gi * gi;
+    if (accept) store_state(v, i, vi, v_seed);
     if (i % stride == 0) {
-      int64_t j = i / stride;
-      A sj = b3 * s[j] + s_coef * gi;
-      if (accept) s[j] = sj;
+      int64_t j = i / stride;  // s keeps every stride-th element: j indexes s, and its dither
+      A sj = b3 * load<S, A>(s, j) + s_coef * gi;
+      if (accept) store_state(s, j, sj, s_seed);
       num += gi * (load<X, A>(p0, j) - xi);
       l1 += fabs(sj);
     }
@@ -325,10 +427,10 @@ LRF_HD void prodigy_stats(Ctx& ctx, const ProdigyStatsArgs& a, int64_t block, bo
 struct ProdigyApplyArgs {
   const int64_t* x; const int64_t* g; const int64_t* m; const int64_t* v; const int64_t* numels;
   const int32_t* bt; const int64_t* bs; const double* decay; const double* eps; const double* dlr;
-  const double* d_new; const int32_t* proceed;
+  const double* d_new; const int32_t* proceed; const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, bool SR, class Ctx>
 LRF_HD void prodigy_apply(Ctx& ctx, const ProdigyApplyArgs& a, int64_t block, bool coupled, bool has_m) {
   using A = typename Acc<X>::type;
   if (*a.proceed == 0) return;
@@ -338,21 +440,22 @@ LRF_HD void prodigy_apply(Ctx& ctx, const ProdigyApplyArgs& a, int64_t block, bo
   A dlr = A(a.dlr[t]), d_new = A(*a.d_new), decay = A(a.decay[t]), eps = A(a.eps[t]);
   X* x = slot_ptr<X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
-  const A* m = slot_ptr<const A>(a.m, t);
-  const A* v = slot_ptr<const A>(a.v, t);
+  const S* m = slot_ptr<const S>(a.m, t);
+  const S* v = slot_ptr<const S>(a.v, t);
+  Seeds<S, SR> seeds(a.sr_seeds, t);
   LRF_FOR(ctx, sp, i) {
     A xi = load<X, A>(x, i);
-    A denom = sqrt(v[i]) + d_new * eps;
+    A denom = sqrt(load<S, A>(v, i)) + d_new * eps;
     A step;
     if (has_m) {
-      step = dlr * m[i] / denom;
+      step = dlr * load<S, A>(m, i) / denom;
     } else {
       A gi = load<X, A>(g, i);
       if (coupled) gi = gi + decay * xi;
       step = dlr * d_new * gi / denom;
     }
     if (!coupled) xi = xi - decay * dlr * xi;
-    store<X, A>(x, i, xi - step);
+    store_param<X, SR, A>(x, i, xi - step, seeds.param);
   }
 }
 
@@ -365,7 +468,7 @@ struct PsdasgdStartArgs {
 // Persistent (kernels/common.py until_known): program pid sums blocks pid, pid + programs, ... while n0 is
 // not known, each block's sums in A as a full-grid program forms them, the program's totals in fp64; its
 // row is zeros once `started` is set.
-template <typename X, class Ctx>
+template <typename X, typename S, class Ctx>
 LRF_HD void psdasgd_start(Ctx& ctx, const PsdasgdStartArgs& a, int64_t block, bool scaled, bool amsgrad) {
   using A = typename Acc<X>::type;
   double ratio_total = 0, alpha_total = 0;
@@ -373,13 +476,16 @@ LRF_HD void psdasgd_start(Ctx& ctx, const PsdasgdStartArgs& a, int64_t block, bo
   for (int64_t b = ctx.pid; b < end; b += a.programs) {
     Span sp = block_span(b, a.numels, a.bt, a.bs, block);
     const X* g = slot_ptr<const X>(a.g, sp.t);
-    const A* v = slot_ptr<const A>(a.v, sp.t);
-    const A* vmax = slot_ptr<const A>(a.vmax, sp.t);
+    const S* v = slot_ptr<const S>(a.v, sp.t);
+    const S* vmax = slot_ptr<const S>(a.vmax, sp.t);
     A ratio = 0, alpha_sum = 0;
     LRF_FOR(ctx, sp, i) {
       A gi = load<X, A>(g, i);
       A alpha_sq = A(1);
-      if (scaled) alpha_sq = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad).alpha_sq;
+      if (scaled) {
+        A vi = load<S, A>(v, i);
+        alpha_sq = adam_scale<A>(gi, vi, amsgrad ? load<S, A>(vmax, i) : vi, a.c, amsgrad).alpha_sq;
+      }
       ratio += gi * gi / alpha_sq;
       alpha_sum += alpha_sq;
     }
@@ -395,9 +501,10 @@ struct PsdasgdStepArgs {
   const int64_t* x; const int64_t* g; const int64_t* s; const int64_t* m; const int64_t* v; const int64_t* vmax;
   const int64_t* x0; const int64_t* numels; const int32_t* bt; const int64_t* bs; const double* c;
   const double* decay; const double* dlr; const double* averaging; const int32_t* ok; void* partials;
+  const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, bool SR, class Ctx>
 LRF_HD void psdasgd_step(Ctx& ctx, const PsdasgdStepArgs& a, int64_t block, bool scaled, bool amsgrad, bool has_m,
                          bool averaging) {
   using A = typename Acc<X>::type;
@@ -406,32 +513,37 @@ LRF_HD void psdasgd_step(Ctx& ctx, const PsdasgdStepArgs& a, int64_t block, bool
   bool accept = *a.ok != 0;
   X* x = slot_ptr<X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
-  A* s = slot_ptr<A>(a.s, t);
-  A* m = slot_ptr<A>(a.m, t);
-  A* v = slot_ptr<A>(a.v, t);
-  A* vmax = slot_ptr<A>(a.vmax, t);
+  S* s = slot_ptr<S>(a.s, t);
+  S* m = slot_ptr<S>(a.m, t);
+  S* v = slot_ptr<S>(a.v, t);
+  S* vmax = slot_ptr<S>(a.vmax, t);
   const X* x0 = slot_ptr<const X>(a.x0, t);
+  Seeds<S, SR> seeds(a.sr_seeds, t);
+  const uint32_t s_seed = seeds.state(kSaltS), m_seed = seeds.state(kSaltExpAvg), v_seed = seeds.state(kSaltExpAvgSq);
+  const uint32_t vmax_seed = seeds.state(kSaltMaxExpAvgSq);
   // dlr: the tensor's step c·λ (its group's lr ratio times the shared step)
   A decay = A(a.decay[t]), dlr = A(a.dlr[t]), c1 = A(a.c[1]), bc1 = A(a.c[2]);
   // the tensor's group's primal averaging (μ, 1 − μ), per tensor
   A mu = A(a.averaging[2 * t]), one_minus_mu = A(a.averaging[2 * t + 1]);
   A dot = 0, snorm = 0, ratio_max = 0;
   LRF_FOR(ctx, sp, i) {
-    A xi = load<X, A>(x, i), gi = load<X, A>(g, i), si = s[i];
+    A xi = load<X, A>(x, i), gi = load<X, A>(g, i), si = load<S, A>(s, i);
     A alpha_sq = A(1), alpha_sq_prev = A(1);
     if (scaled) {
-      Scale<A> sc = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad);
+      A vi = load<S, A>(v, i);
+      Scale<A> sc = adam_scale<A>(gi, vi, amsgrad ? load<S, A>(vmax, i) : vi, a.c, amsgrad);
       alpha_sq = sc.alpha_sq;
       alpha_sq_prev = sc.alpha_sq_prev;
       if (accept) {
-        v[i] = sc.v_new;
-        if (amsgrad) vmax[i] = sc.vmax_new;
+        store_state(v, i, sc.v_new, v_seed);
+        if (amsgrad) store_state(vmax, i, sc.vmax_new, vmax_seed);
       }
     }
     A u;
     if (has_m) {
-      A mi = m[i] + c1 * (gi - m[i]);
-      if (accept) m[i] = mi;
+      A m_old = load<S, A>(m, i);
+      A mi = m_old + c1 * (gi - m_old);
+      if (accept) store_state(m, i, mi, m_seed);
       u = (mi / bc1) / alpha_sq;
     } else {
       u = gi / alpha_sq;
@@ -439,13 +551,13 @@ LRF_HD void psdasgd_step(Ctx& ctx, const PsdasgdStepArgs& a, int64_t block, bool
     u = u + decay * xi;
     dot += gi * si;
     si = si + dlr * u;
-    if (accept) s[i] = si;
+    if (accept) store_state(s, i, si, s_seed);
     snorm += alpha_sq * si * si;
     A r = alpha_sq_prev / alpha_sq;
     ratio_max = r > ratio_max ? r : ratio_max;
     if (averaging) xi = xi * mu + (load<X, A>(x0, i) - si) * one_minus_mu;
     else xi = xi - dlr * u;
-    if (accept) store<X, A>(x, i, xi);
+    if (accept) store_param<X, SR, A>(x, i, xi, seeds.param);
   }
   store_partial(ctx, a.partials, 3, 0, ctx.sum(dot));
   store_partial(ctx, a.partials, 3, 1, ctx.sum(snorm));
@@ -457,18 +569,21 @@ struct PsspsStatsArgs {
   const int64_t* bs; const double* c; void* partials;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, class Ctx>
 LRF_HD void pssps_stats(Ctx& ctx, const PsspsStatsArgs& a, int64_t block, bool scaled, bool amsgrad) {
   using A = typename Acc<X>::type;
   Span sp = span_of(ctx, a.numels, a.bt, a.bs, block);
   const X* g = slot_ptr<const X>(a.g, sp.t);
-  const A* v = slot_ptr<const A>(a.v, sp.t);
-  const A* vmax = slot_ptr<const A>(a.vmax, sp.t);
+  const S* v = slot_ptr<const S>(a.v, sp.t);
+  const S* vmax = slot_ptr<const S>(a.vmax, sp.t);
   A acc = 0;
   LRF_FOR(ctx, sp, i) {
     A gi = load<X, A>(g, i);
     A alpha_sq = A(1);
-    if (scaled) alpha_sq = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad).alpha_sq;
+    if (scaled) {
+      A vi = load<S, A>(v, i);
+      alpha_sq = adam_scale<A>(gi, vi, amsgrad ? load<S, A>(vmax, i) : vi, a.c, amsgrad).alpha_sq;
+    }
     acc += gi * gi / alpha_sq;
   }
   store_partial(ctx, a.partials, 1, 0, ctx.sum(acc));
@@ -477,10 +592,10 @@ LRF_HD void pssps_stats(Ctx& ctx, const PsspsStatsArgs& a, int64_t block, bool s
 struct PsspsApplyArgs {
   const int64_t* x; const int64_t* g; const int64_t* m; const int64_t* v; const int64_t* vmax;
   const int64_t* numels; const int32_t* bt; const int64_t* bs; const double* c; const double* coef;
-  const double* decay; const int32_t* ok;
+  const double* decay; const int32_t* ok; const int64_t* sr_seeds;
 };
 
-template <typename X, class Ctx>
+template <typename X, typename S, bool SR, class Ctx>
 LRF_HD void pssps_apply(Ctx& ctx, const PsspsApplyArgs& a, int64_t block, bool scaled, bool amsgrad, bool has_m) {
   using A = typename Acc<X>::type;
   if (*a.ok == 0) return;
@@ -488,29 +603,34 @@ LRF_HD void pssps_apply(Ctx& ctx, const PsspsApplyArgs& a, int64_t block, bool s
   int64_t t = sp.t;
   X* x = slot_ptr<X>(a.x, t);
   const X* g = slot_ptr<const X>(a.g, t);
-  A* m = slot_ptr<A>(a.m, t);
-  A* v = slot_ptr<A>(a.v, t);
-  A* vmax = slot_ptr<A>(a.vmax, t);
+  S* m = slot_ptr<S>(a.m, t);
+  S* v = slot_ptr<S>(a.v, t);
+  S* vmax = slot_ptr<S>(a.vmax, t);
   A coef = A(a.coef[t]), decay = A(a.decay[t]), c1 = A(a.c[1]), bc1 = A(a.c[2]);
+  Seeds<S, SR> seeds(a.sr_seeds, t);
+  const uint32_t m_seed = seeds.state(kSaltExpAvg), v_seed = seeds.state(kSaltExpAvgSq);
+  const uint32_t vmax_seed = seeds.state(kSaltMaxExpAvgSq);
   LRF_FOR(ctx, sp, i) {
     A xi = load<X, A>(x, i), gi = load<X, A>(g, i);
     A alpha_sq = A(1);
     if (scaled) {
-      Scale<A> sc = adam_scale<A>(gi, v[i], amsgrad ? vmax[i] : v[i], a.c, amsgrad);
+      A vi = load<S, A>(v, i);
+      Scale<A> sc = adam_scale<A>(gi, vi, amsgrad ? load<S, A>(vmax, i) : vi, a.c, amsgrad);
       alpha_sq = sc.alpha_sq;
-      v[i] = sc.v_new;
-      if (amsgrad) vmax[i] = sc.vmax_new;
+      store_state(v, i, sc.v_new, v_seed);
+      if (amsgrad) store_state(vmax, i, sc.vmax_new, vmax_seed);
     }
     A u;
     if (has_m) {
-      A mi = m[i] + c1 * (gi - m[i]);
-      m[i] = mi;
+      A m_old = load<S, A>(m, i);
+      A mi = m_old + c1 * (gi - m_old);
+      store_state(m, i, mi, m_seed);
       u = (mi / bc1) / alpha_sq;
     } else {
       u = gi / alpha_sq;
     }
     u = u + decay * xi;
-    store<X, A>(x, i, xi - coef * u);
+    store_param<X, SR, A>(x, i, xi - coef * u, seeds.param);
   }
 }
 

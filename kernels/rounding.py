@@ -5,7 +5,8 @@ than a bf16 ulp moves the parameter with the probability it would have moved it,
 fp32 result's low 16 bits are dithered by 16 random bits and truncated, which rounds the magnitude up
 with probability (remainder / ulp). The bits are a counter-based hash of (step seed of the tensor,
 element index), so a step is reproducible, needs no RNG state on the device, and the torch reference
-(``lrfree.backends.torch_ref.stochastic_round_bf16``) draws exactly the same bits.
+(``lrfree.backends.torch_ref.stochastic_round_bf16``) and the compiled extension (``csrc/kernels.cuh``) draw
+exactly the same bits.
 """
 
 from __future__ import annotations

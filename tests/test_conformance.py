@@ -309,8 +309,6 @@ def test_deepcopy_and_pickle_keep_every_attribute(info, options, backend):
     original, and the same gradients move both the same (bf16 parameters, where the options act)."""
     require_backend(info.optim_cls, backend)
     kwargs = {**OPTION_SETS[options], "backend": backend}
-    if backend == "cuda" and options in ("stochastic_rounding", "state_dtype"):
-        pytest.skip("stochastic rounding runs on the torch and triton backends")
     if info.has_per_group_d:
         kwargs["per_group_d"] = True
     params, groups = model(torch.bfloat16)

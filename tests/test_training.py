@@ -458,14 +458,21 @@ def _bf16_steps(opt, params, steps):
 
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=IDS)
 def test_stochastic_rounding_draws_the_same_bits_on_every_backend(info):
-    """The fused kernels and the torch reference round every bf16 parameter identically (a counter-based
-    hash, no RNG state), so runs are reproducible and the backends stay bit-identical."""
+    """The fused kernels (Triton's and, where it covers the method, the compiled extension's) and the torch
+    reference round every bf16 parameter identically (a counter-based hash, no RNG state), so runs are
+    reproducible and the backends stay bit-identical."""
+    extension = EXTENSION_MISSING is None and info.cls.kernels in cuda_ext.COVERED_MODULES
+    # D-Adaptation's default d0 = 1e-6 moves a bf16 parameter of magnitude ~0.5 in 3 steps only by a rounding
+    # up that rare: with 1e-2 the rounding of every apply pass shows
+    options = {"d0": 1e-2} if "d0" in info.cls.hyperparameters else {}
     runs = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "triton") + (("cuda",) if extension else ()):
         params = _bf16_params()
-        runs.append(_bf16_steps(info.make(params, backend=backend, stochastic_rounding=True), params, range(3)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+        opt = info.make(params, backend=backend, stochastic_rounding=True, **options)
+        runs.append(_bf16_steps(opt, params, range(3)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -531,10 +538,3 @@ def test_stochastic_rounding_resumes_bit_for_bit_and_skips_cleanly():
 def test_stochastic_rounding_options_are_validated(kwargs, dtype, error, match):
     with pytest.raises(error, match=match):
         lrfree.DAdaptAdam([torch.nn.Parameter(torch.zeros(3, dtype=dtype))], **kwargs)
-
-
-def test_stochastic_rounding_is_refused_by_the_extension_backend():
-    require_backend(lrfree.DAdaptAdam, "cuda")
-    with pytest.raises(ValueError, match="stochastic_rounding runs on the 'torch' and 'triton' backends"):
-        lrfree.DAdaptAdam([torch.nn.Parameter(torch.zeros(3, device=DEVICE, dtype=torch.bfloat16))],
-                          backend="cuda", stochastic_rounding=True)

@@ -295,12 +295,6 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
         V.validate_group(type(self).__name__, None, defaults, self.hyperparameters)
         super().__init__(params, defaults)
         self._backend = resolve_backend(self._requested_backend, type(self).__name__, self.device, self.kernels)
-        if stochastic_rounding and self._backend == "cuda":
-            raise ValueError(f"{owner}: stochastic_rounding runs on the 'torch' and 'triton' backends; the compiled "
-                             "extension rounds to nearest")
-        if precision.rounds_state(self) and self._backend == "cuda":
-            raise ValueError(f"{owner}: state_dtype=torch.bfloat16 runs on the 'torch' and 'triton' backends; the "
-                             "compiled extension stores fp32 state")
         # data parallelism (see lrfree.distributed): None single-process, else replicated (DDP) or sharded
         self._layout = layout_for(type(self).__name__, (p for _, _, p in self._flat_params()), process_group, sharded)
 

@@ -5,7 +5,9 @@ kernel per Triton kernel with the same arguments; everything else — the scalar
 rule kernels run in Triton here too, ``lrfree.kernels.scalar_math.rule_kernel``), the launch
 geometry (pointer tables, block map), the per-tensor reductions' bookkeeping — is the same Python code
 the Triton backend runs, with :func:`launch` taking the place of a Triton launch. So there is no second
-copy of any method's math.
+copy of any method's math. It stores what the Triton kernels store, bit for bit where rounding is chosen:
+bf16 state (``state_dtype=torch.bfloat16``) and bf16 parameters under ``stochastic_rounding=True`` by
+stochastic rounding with the dither bits of ``lrfree.kernels.rounding``, other stores to nearest.
 
 Two targets are built from the same sources (``csrc/kernels.cuh``):
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 
 import torch
@@ -30,19 +33,21 @@ import torch
 #: on backend="cuda"
 COVERED_MODULES = frozenset({"sgd", "adam", "dadapt_adam", "prodigy", "ps_dasgd", "ps_sps"})
 
-#: per kernel (its Triton twin, module.name): the compile-time flags passed to C++, in order
+#: per kernel (its Triton twin, module.name): the compile-time flags passed to C++, in order; a kernel that
+#: stores parameters ends with SR (stochastic rounding of bf16 parameters). The storage dtypes go separately
+#: (X or G: the parameters', S: the state's).
 FLAGS: dict[str, tuple[str, ...]] = {
     "common._sumsq_kernel": (),
     "multi_tensor._segment_reduce_kernel": ("K", "MAX_MASK"),
-    "sgd._sgd_apply_kernel": ("HAS_DECAY", "TRACK_BEST"),
-    "adam._adam_kernel": ("DECOUPLED", "AMSGRAD"),
-    "dadapt_adam._dadapt_adam_kernel": ("DECOUPLE",),
+    "sgd._sgd_apply_kernel": ("HAS_DECAY", "TRACK_BEST", "SR"),
+    "adam._adam_kernel": ("DECOUPLED", "AMSGRAD", "SR"),
+    "dadapt_adam._dadapt_adam_kernel": ("DECOUPLE", "SR"),
     "prodigy._prodigy_stats_kernel": ("COUPLED", "HAS_M"),
-    "prodigy._prodigy_apply_kernel": ("COUPLED", "HAS_M"),
+    "prodigy._prodigy_apply_kernel": ("COUPLED", "HAS_M", "SR"),
     "ps_dasgd._start_kernel": ("SCALED", "AMSGRAD"),
-    "ps_dasgd._step_kernel": ("SCALED", "AMSGRAD", "HAS_M", "AVERAGING"),
+    "ps_dasgd._step_kernel": ("SCALED", "AMSGRAD", "HAS_M", "AVERAGING", "SR"),
     "ps_sps._stats_kernel": ("SCALED", "AMSGRAD"),
-    "ps_sps._apply_kernel": ("SCALED", "AMSGRAD", "HAS_M"),
+    "ps_sps._apply_kernel": ("SCALED", "AMSGRAD", "HAS_M", "SR"),
 }
 _DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
@@ -165,28 +170,38 @@ class Launcher:
         if names is None:
             raise NotImplementedError(f"lrfree: the CUDA extension has no kernel for {key}")
         pointers = []
-        for a in args:
+        for a in (*args, *_tensor_keywords(kernel, len(args), constexprs)):
             if isinstance(a, torch.Tensor):
                 pointers.append(a.data_ptr())
             elif isinstance(a, (bool, int)):
                 pointers.append(int(a))
             else:
                 raise TypeError(f"lrfree: cannot pass {type(a).__name__} to the extension kernel {key}")
-        if constexprs.get("SR"):
-            raise NotImplementedError("lrfree: the CUDA extension rounds to nearest; stochastic rounding runs on "
-                                      "the 'torch' and 'triton' backends")
         flags = [int(constexprs[n]) for n in names]
         x = constexprs.get("X", constexprs.get("G"))  # the storage dtype (the Σg² kernel calls it G)
         dtype = _DTYPE_CODES[args[0].dtype] if x is None else _TL_CODES[str(x)]
+        s = constexprs.get("S")  # the state's storage dtype (lrfree.precision); -1: the kernel has no state
+        state_dtype = -1 if s is None else _TL_CODES[str(s)]
         if self.device.type == "cuda":
             stream = torch.cuda.current_stream(self.device).cuda_stream
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         else:
             stream, index = 0, -1
-        self.module.launch(key, int(grid[0]), pointers, flags, dtype, int(constexprs.get("BLOCK", 0)), stream, index)
+        self.module.launch(key, int(grid[0]), pointers, flags, dtype, state_dtype, int(constexprs.get("BLOCK", 0)),
+                           stream, index)
 
 
 _TL_CODES = {"fp32": 0, "fp64": 1, "bf16": 2, "fp16": 3}
+
+
+def _tensor_keywords(kernel, positional: int, kwargs: dict) -> list[torch.Tensor]:
+    """The tensor arguments passed by keyword (such as ``sr_seeds``, from kernels.rounding.rounding), in the
+    kernel's parameter order after the positional ones: the extension takes them where the Triton kernel
+    does. A keyword that is not a tensor is a compile-time constant."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    return [kwargs[n] for n in names[positional:] if isinstance(kwargs.get(n), torch.Tensor)]
 
 
 def launcher(device: torch.device) -> Launcher:
