@@ -75,8 +75,7 @@ def _lrfree(method: str, backend: str, bf16_state: bool = False) -> Contender:
 
 def _bf16_state(backends) -> list[Contender]:
     """The BF16_STATE_METHODS with bf16 state, on each of ``backends`` that stores state in bf16."""
-    return [_lrfree(m, b, bf16_state=True) for m in BF16_STATE_METHODS for b in backends
-            if covered(m, b) and b != "cuda"]
+    return [_lrfree(m, b, bf16_state=True) for m in BF16_STATE_METHODS for b in backends if covered(m, b)]
 
 
 def _glyder(backend: str) -> Contender:

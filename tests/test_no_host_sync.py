@@ -126,12 +126,13 @@ def _kernel_modules():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["fp32-state", "bf16-state"])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda i: i.name)
-def test_cuda_sync_debug_mode(info, backend):
+def test_cuda_sync_debug_mode(info, backend, state_dtype):
     require_backend(info.cls, backend)
     params = make_params(torch.float32, device="cuda")
-    opt = info.make(param_groups(params), backend=backend)
+    opt = info.make(param_groups(params), backend=backend, state_dtype=state_dtype)
     for t in range(3):
         opt.zero_grad()
         loss = loss_fn(params, t)
