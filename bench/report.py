@@ -137,13 +137,15 @@ def _count(n: int) -> str:
 
 
 def bytes_table() -> list[str]:
-    lines = ["| method | minimal B/elem fp32 | minimal B/elem bf16 | fused (triton) B/elem fp32 | fused passes | "
-             "where the fused excess comes from |", "|---|---|---|---|---|---|"]
+    lines = ["| method | minimal B/elem fp32 | minimal B/elem bf16 | minimal B/elem fp32, bf16 state | "
+             "fused (triton) B/elem fp32 | fused passes | where the fused excess comes from |",
+             "|---|---|---|---|---|---|---|"]
     for method, minimal in roofline.MINIMAL.items():
         if method == "copy":
             continue
         fused = roofline.FUSED.get(method)
         lines.append(f"| {method} | {minimal.fp32_bytes} | {minimal.bytes_per_element(2)} | "
+                     f"{minimal.bytes_per_element(4, 2)} | "
                      f"{_fmt(fused and fused.fp32_bytes, 'd')} | {_fmt(fused and fused.passes, 'd')} | "
                      f"{(fused.note if fused and fused.fp32_bytes > minimal.fp32_bytes else '') or '—'} |")
     return lines

@@ -144,7 +144,8 @@ def test_device_ops(benchmark, ops_case, bench_device):
         if contender.family == "lrfree" and contender.backend != "cuda":
             raise
         pytest.skip(f"{contender.name} fails on {workload.label}: {type(exc).__name__}: {exc}")
-    describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend)
+    describe(benchmark, workload, contender.name, contender.method, contender.family, contender.backend,
+             contender.state_bytes)
     counted = {}
 
     def run():

@@ -17,6 +17,8 @@ import triton.language as tl
 
 from lrfree import precision
 
+from .scalar_math import LANES, rule_kernel
+
 # 32-bit integer mixer (two multiply-xorshift rounds); both constants are < 2^31, so the torch reference can
 # reproduce it in int64 arithmetic without overflow.
 MIX = 0x45D9F3B
@@ -57,6 +59,32 @@ def to_state(value, S: tl.constexpr, sr_seeds, t, offs, SALT: tl.constexpr):
         return _stochastic_bf16(value, mix32(tl.load(sr_seeds + t).to(tl.uint32) ^ SALT), offs)
     else:
         return value.to(S)
+
+
+@rule_kernel
+def _seeds_kernel(counter, flat, out, n):
+    """The step's seed of each of the ``n`` tensors at positions ``flat`` (``torch_ref.step_seed`` of the fp64
+    ``counter``, then ``torch_ref.tensor_seed``; uint32 products wrap as the reference's masked int64 ones),
+    and the counter's advance, in one program."""
+    count = tl.load(counter)
+    base = mix32(count.to(tl.int64).to(tl.uint32) * 0x2545F491)
+    i0 = 0
+    while i0 < n:
+        idx = i0 + tl.arange(0, LANES)
+        inside = idx < n
+        k = tl.load(flat + idx, mask=inside, other=0).to(tl.uint32)
+        tl.store(out + idx, mix32(base ^ (k * 0x27D4EB2F)).to(tl.int64), mask=inside)
+        i0 += LANES
+    tl.store(counter, count + 1.0)
+
+
+def tensor_seeds(batch, counter: torch.Tensor) -> torch.Tensor:
+    """(items,) int64: every tensor's stochastic-rounding seed for this step, as the reference draws them,
+    and the rounding counter advanced: one launch where the reference spends ~25 small torch ops."""
+    from .multi_tensor import launch
+    out = torch.empty(len(batch.items), dtype=torch.int64, device=batch.device)
+    launch(_seeds_kernel, (1,), counter, batch.index(it.flat_index for it in batch.items), out, len(batch.items))
+    return out
 
 
 def salt(key: str) -> tl.constexpr:

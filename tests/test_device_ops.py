@@ -62,6 +62,20 @@ def test_a_fused_step_is_a_few_device_ops(info, variant, backend):
     assert small.by_name == large.by_name, "the ops of a step grow with the number of tensors"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=lambda info: info.name)
+def test_bf16_state_adds_one_launch_for_the_seeds(info, backend):
+    """Stochastic rounding's per-tensor seeds and the counter's advance are one small launch
+    (``kernels.rounding.tensor_seeds``); the stores round in the passes that write the state."""
+    require_backend(info.cls, backend)
+    fp32, bf16 = (ops_of_third_step(lambda ps: info.make(ps, backend=backend, state_dtype=dtype), 2)
+                  for dtype in (None, torch.bfloat16))
+    seeds = Counter({"<_seeds_kernel>": 1} if info.cls.low_precision_state else {})
+    assert bf16.by_name == fp32.by_name + seeds, dict(bf16.by_name)
+    assert ops_of_third_step(lambda ps: info.make(ps, backend=backend, state_dtype=torch.bfloat16), 4).by_name \
+        == bf16.by_name
+
+
 # the D-Adaptation members whose per_group_d steps run their rule kernels (methods/_dadapt.py)
 PER_GROUP_D = ("DAdaptSGD", "DAdaptAdam", "Prodigy")
 # what a step's groups share: the loss's conversion, the guard's Σg² pass and its reduction

@@ -201,8 +201,8 @@ class StepBatch:
             return self
         sub = StepBatch([self.items[i] for i in keep], self.inputs, self.device, self.optimizer, self.sr_base,
                         self.found_inf)
-        for name in ("local_grad_sq", "grad_sq"):
-            if name in self.__dict__:
+        for name in ("local_grad_sq", "grad_sq", "sr_seeds"):
+            if self.__dict__.get(name) is not None:
                 sub.__dict__[name] = self.__dict__[name].index_select(0, self.index(keep))
         return sub
 
@@ -726,9 +726,13 @@ class FusedOptimizer(Checkpointing, torch.optim.Optimizer):
     def _fused_step(self, items: list[Item], loss_t: torch.Tensor | None) -> None:
         batch = StepBatch(items=items, inputs=StepInputs(loss_t, None), device=self.device, optimizer=self)
         counter = self._scalar_store.get("rounding_step")  # stochastic rounding of parameters or state
-        if counter is not None:
-            batch.sr_base = R.step_seed(counter)
-            counter.add_(1.0)  # every step draws new bits, taken or skipped
+        if counter is not None:  # every step draws new bits, taken or skipped
+            if batch.fused:  # the seeds and the counter's advance in one launch
+                from lrfree.kernels.rounding import tensor_seeds
+                batch.__dict__["sr_seeds"] = tensor_seeds(batch, counter)
+            else:
+                batch.sr_base = R.step_seed(counter)
+                counter.add_(1.0)
         found_inf = getattr(self, "found_inf", None)  # set by torch.amp.GradScaler.step
         if batch.rule_kernel:  # the rule kernel decides, counts and updates the store in one launch
             batch.found_inf = None if found_inf is None else found_inf.to(device=self.device)
