@@ -59,12 +59,12 @@ def state_dtype_of(opt: Any) -> torch.dtype:
 
 def store(opt: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A new parameter's state (``init_state``'s, in the default dtypes) in the dtypes ``opt`` keeps it in:
-    its ``low_precision_state`` keys converted to ``opt.state_dtype`` where their default is fp32."""
+    its ``low_precision_state`` keys converted to their :func:`storage_dtype`."""
     target = state_dtype_of(opt)
     if target == torch.float32:
         return state
     keys = type(opt).low_precision_state
-    return {k: v.to(target) if k in keys and v.dtype == torch.float32 else v for k, v in state.items()}
+    return {k: v.to(storage_dtype(target, v.dtype)) if k in keys else v for k, v in state.items()}
 
 
 def rounds_state(opt: Any) -> bool:

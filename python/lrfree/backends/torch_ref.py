@@ -409,8 +409,7 @@ class Chunk:
     def _stochastic_bf16(self, new: torch.Tensor, salt: int | None = None) -> torch.Tensor:
         """``new`` stochastically rounded to bf16 with the bits the fused kernels draw: each tensor's own seed
         (salted for a state key), indexed by the element's position in the tensor."""
-        batch = self.batch
-        seeds = tensor_seed(batch.sr_base, batch.index(it.flat_index for it in self.items))
+        seeds = self.batch.sr_seeds.index_select(0, self.index)  # the step's seeds, drawn once per step
         if salt is not None:
             seeds = mix32(seeds ^ salt)
         return stochastic_round_bf16(new, seeds.index_select(0, self.layout.row_tensor).unsqueeze(1),
@@ -597,9 +596,16 @@ _MIX = 0x45D9F3B  # lrfree.kernels.rounding.MIX
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """The 32-bit mixer of ``lrfree.kernels.rounding.mix32`` on int64 tensors holding uint32 values."""
-    x = ((x ^ (x >> 16)) * _MIX) & _MASK32
-    x = ((x ^ (x >> 16)) * _MIX) & _MASK32
-    return x ^ (x >> 16)
+    return _mix32_(as_int32(x).clone()).to(torch.int64) & _MASK32
+
+
+def _mix32_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` in place on an int32 tensor holding the uint32 bits: the multiplication wraps modulo 2³²
+    as the kernels' uint32 one does, and a shift right is masked to its 16 low bits, which makes the
+    arithmetic shift of int32 a logical one."""
+    for _ in range(2):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)).mul_(_MIX)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF))
 
 
 def stochastic_round_bf16(value: torch.Tensor, seed: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -609,18 +615,14 @@ def stochastic_round_bf16(value: torch.Tensor, seed: torch.Tensor, index: torch.
     also give each element its own index and seed (a chunk's matrix: per-row seeds, positions within each
     tensor).
 
-    The hash runs on int32 tensors holding the uint32 bits, in place: the multiplication wraps modulo 2³²
-    as the kernels' uint32 one does, and a shift right is masked to its 16 low bits, which makes the
-    arithmetic shift of int32 a logical one. On int64 with a mask after every operation (as :func:`mix32`)
-    it was 3× slower on a CPU: a bf16-state Adam step on GPT-2's layout spent most of its time here."""
+    The hash runs on int32 in place (:func:`_mix32_`): on int64 with a mask after every operation it was 3×
+    slower on a CPU, where a bf16-state Adam step on GPT-2's layout spent most of its time here."""
     if index is None:
         index = torch.arange(value.numel(), device=value.device, dtype=torch.int32).view(value.shape)
     x = torch.bitwise_xor(as_int32(index), as_int32(seed))
     if x.shape != value.shape:
         x = x.expand(value.shape).contiguous()
-    for _ in range(2):
-        x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)).mul_(_MIX)
-    x.bitwise_xor_(torch.bitwise_right_shift(x, 16).bitwise_and_(0xFFFF)).bitwise_and_(0xFFFF)
+    _mix32_(x).bitwise_and_(0xFFFF)
     x.add_(value.to(torch.float32).contiguous().view(torch.int32)).bitwise_and_(-0x10000)  # & 0xFFFF0000
     # the low 16 bits are zero, so the conversion to bf16 is exact
     rounded = x.view(torch.float32).to(torch.bfloat16)
